@@ -1,0 +1,1 @@
+"""posterrt.export: PyTorch reference networks, checkpoint loading, ONNX export with parity checks."""

@@ -1,0 +1,101 @@
+"""ONNX export of one Exportable, and its parity check against the PyTorch module in ONNX Runtime."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from posterrt.runtime.errors import ParityError
+from posterrt.runtime.samples import default_sizes
+
+from .spec import Exportable
+
+OPSET = 17  # the legacy (dynamo=False) exporter is exact at 17; dynamo=True needs >= 18 here
+TWO_GB = 2 ** 31 - 1
+
+
+def export_onnx(exportable: Exportable, path: Path) -> list[str]:
+    """Trace ``exportable`` to ``path``. Returns the external-data file names (empty below 2 GB)."""
+    contract = exportable.contract
+    trace_inputs = exportable.inputs(default_sizes("trace"), seed=0)
+    args = tuple(torch.from_numpy(trace_inputs[n]) for n in contract.input_names)
+    module = exportable.module.eval()
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GB - (64 << 20)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected and harmless
+        torch.onnx.export(
+            module, args, str(path),
+            input_names=contract.input_names, output_names=contract.output_names,
+            dynamic_axes=contract.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
+            dynamo=False,
+        )
+    if not big:
+        return []
+    # Past 2 GB the tracer scatters one file per tensor; gather them into one `<model>.onnx.data`.
+    model = onnx.load(str(path))
+    data_name = path.name + ".data"
+    scattered = {t.name for t in model.graph.initializer}
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    for leftover in path.parent.iterdir():
+        if leftover.name in scattered:
+            leftover.unlink()
+    return [data_name]
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(max abs error, max abs error / max |expected|): relative to the output's scale, so
+    near-zero elements do not make the figure meaningless."""
+    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if expected.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return diff, diff / max(scale, 1e-12)
+
+
+def check_parity(exportable: Exportable, onnx_path: Path, session_options=None) -> dict:
+    """Run ONNX Runtime and the torch module on fresh random inputs at two sizes of every dynamic axis."""
+    import onnxruntime as ort
+
+    contract = exportable.contract
+    options = session_options or ort.SessionOptions()
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    module = exportable.module.eval()
+    seed = int.from_bytes(os.urandom(4), "little")  # fresh inputs every export; recorded for replay
+    runs, worst = [], 0.0
+    for index, kind in enumerate(("small", "other")):
+        inputs = exportable.inputs(default_sizes(kind), seed=seed + index)
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(inputs[n]) for n in contract.input_names))
+        actual = session.run(contract.output_names, inputs)
+        outputs = {}
+        for name, got, want in zip(contract.output_names, actual, expected):
+            want = want.numpy()
+            if got.shape != want.shape:
+                raise ParityError(f"{exportable.name}: output {name!r} has shape {got.shape} in ONNX Runtime, "
+                                  f"{want.shape} in PyTorch")
+            max_abs, rel = relative_error(got, want)
+            worst = max(worst, rel)
+            outputs[name] = {"shape": list(got.shape), "max_abs": max_abs, "max_rel": rel}
+        runs.append({"sizes": {k: v for k, v in default_sizes(kind).items()
+                               if k in contract.input_dims()}, "outputs": outputs})
+    report = {"seed": seed, "tolerance_rel": exportable.rtol, "max_rel": worst,
+              "passed": worst <= exportable.rtol, "runs": runs}
+    return report
+
+
+def export_and_check(exportable: Exportable, folder: Path) -> dict:
+    """Export to ``folder/<name>.onnx`` and check parity; raises ParityError when it fails."""
+    path = folder / f"{exportable.name}.onnx"
+    started = time.perf_counter()
+    data_files = export_onnx(exportable, path)
+    export_s = time.perf_counter() - started
+    parity = check_parity(exportable, path)
+    if not parity["passed"]:
+        raise ParityError(f"{exportable.name}: ONNX Runtime differs from PyTorch by {parity['max_rel']:.2e} "
+                          f"relative (tolerance {exportable.rtol:.0e}); seed {parity['seed']}")
+    return {"file": path.name, "data_files": data_files, "export_seconds": round(export_s, 2),
+            "parity": parity}

@@ -1,0 +1,116 @@
+"""A bundle: the folder ``posterrt export`` writes (one ONNX per served model, tokenizers, manifest).
+
+The runtime only reads bundles; the manifest schema lives here so that export (which writes it)
+and every reader agree. Paths in a manifest are relative and confined to the bundle folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .contracts import CONTRACT_VERSION, ModelContract, get_contract
+from .errors import BundleError
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "posterrt-bundle"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def confined_path(root: Path, relative: str, what: str) -> Path:
+    """``root / relative`` resolved, refusing absolute paths, ``..`` escapes and symlinks out of root."""
+    root = Path(root).resolve()
+    if os.path.isabs(relative):
+        raise BundleError(f"{what}: path {relative!r} must be relative to {root}")
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise BundleError(f"{what}: path {relative!r} leaves the folder {root}")
+    return path
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    file: str
+    sha256: str
+    static_dims: dict
+    data_files: list  # external-data files beside the ONNX (models past 2 GB)
+
+
+class Bundle:
+    """Read-only view of an exported bundle. Hashes are checked once per model, on first use."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not self.root.is_dir():
+            raise BundleError(f"bundle folder {self.root} does not exist; run `posterrt export --out {self.root}` first")
+        if not manifest_path.is_file():
+            raise BundleError(f"bundle {self.root}: no {MANIFEST}; it is not a posterrt export (or the export was interrupted)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as error:
+            raise BundleError(f"bundle {self.root}: {MANIFEST} is not valid JSON ({error})") from None
+        if self.manifest.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"bundle {self.root}: {MANIFEST} has format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        version = self.manifest.get("contract_version")
+        if version != CONTRACT_VERSION:
+            raise BundleError(f"bundle {self.root} was exported for contract version {version}, this posterrt "
+                              f"speaks version {CONTRACT_VERSION}: export it again with this version")
+        self.models: dict[str, ModelEntry] = {}
+        for name, entry in self.manifest.get("models", {}).items():
+            self.models[name] = ModelEntry(name, entry["file"], entry["sha256"], dict(entry.get("static_dims", {})),
+                                           list(entry.get("data_files", [])))
+        self._verified: set[str] = set()
+
+    @property
+    def preset(self) -> str:
+        return self.manifest.get("preset", "custom")
+
+    @property
+    def config(self) -> dict:
+        """Per-family configs recorded at export (class names, scheduler settings, sizes)."""
+        return self.manifest.get("config", {})
+
+    def require(self, names) -> None:
+        missing = [n for n in names if n not in self.models]
+        if missing:
+            raise BundleError(f"bundle {self.root} lacks models {missing}; export them with "
+                              f"`posterrt export --models {','.join(missing)} --out {self.root}`")
+
+    def contract(self, name: str) -> ModelContract:
+        self.require([name])
+        return get_contract(name).resolve(self.models[name].static_dims)
+
+    def model_path(self, name: str, verify: bool = True) -> Path:
+        self.require([name])
+        entry = self.models[name]
+        path = confined_path(self.root, entry.file, f"bundle model {name!r}")
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: model file {entry.file} is missing")
+        if verify and name not in self._verified:
+            actual = sha256_file(path)
+            if actual != entry.sha256:
+                raise BundleError(f"bundle {self.root}: {entry.file} does not match its manifest hash "
+                                  f"(the file was edited or is incomplete); export the model again")
+            for data_file in entry.data_files:
+                if not confined_path(self.root, data_file, f"bundle model {name!r}").is_file():
+                    raise BundleError(f"bundle {self.root}: external data file {data_file} of {name} is missing")
+            self._verified.add(name)
+        return path
+
+    def file(self, relative: str, what: str) -> Path:
+        """A bundle file other than a model (tokenizer, font), confined to the bundle."""
+        path = confined_path(self.root, relative, what)
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: {what} file {relative} is missing")
+        return path
