@@ -1,0 +1,1 @@
+"""posterrt.engines: TensorRT engines, ONNX clean-up for TensorRT / ONNX Runtime, engine manifests."""
