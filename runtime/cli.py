@@ -16,7 +16,7 @@ COMMANDS = {
     "repo": ("posterrt.runtime.commands.repo", "build a Triton model repository from a bundle"),
     "serve": ("posterrt.runtime.commands.serve", "start tritonserver on a model repository (127.0.0.1)"),
     "engines": ("posterrt.engines.cli", "build TensorRT engines from a bundle, refit them, inspect manifests"),
-    "bench": ("posterrt.runtime.commands.bench", "benchmark models, stages and serving; write JSON, tables, plots"),
+    "bench": ("posterrt.benchmarks.cli", "benchmark models, stages and serving; write JSON, tables, plots"),
     "eval-layout": ("posterrt.runtime.commands.eval_layout", "layout quality metrics over generated layouts"),
 }
 
