@@ -1,0 +1,76 @@
+"""What the figures were measured on, and the machine's measured matrix-multiply peak."""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
+    except OSError:
+        pass
+    return []
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("numpy", "onnx", "onnxruntime", "torch", "tritonclient", "nvidia-pytriton", "diffusers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> dict:
+    """Measured GEMM throughput on this machine: fp32 with numpy, bf16 with torch when installed.
+    This is the 'peak' the report compares achieved GFLOP/s with (measured, not a datasheet)."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    peak = {"gemm_size": size, "fp32_gflops": 2 * size ** 3 / best / 1e9}
+    try:
+        import torch
+
+        ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+        ta @ tb
+        best = min(_time(lambda: ta @ tb) for _ in range(repeats))
+        peak["bf16_gflops_torch"] = 2 * size ** 3 / best / 1e9
+    except ImportError:
+        pass
+    return peak
+
+
+def _time(fn) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def describe(measure_peak: bool = True) -> dict:
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
+            "platform": platform.platform(), "libraries": library_versions()}
+    if measure_peak:
+        info["peak"] = gemm_peak_gflops()
+    return info
