@@ -1,0 +1,250 @@
+"""Poster composition: texts, underlays and a logo drawn with Pillow into the predicted boxes.
+
+Rules (also in docs/layout-json.md):
+
+* **Which text goes where.** When the layout holds more text boxes than there are texts, the
+  largest boxes are used (the model's smaller boxes are usually duplicates or fine print). The
+  chosen boxes are put in reading order (rows top to bottom, left to right within a row) and the
+  texts fill them in the order given, so the first text (the headline) lands in the first box.
+  Texts left over when the layout has fewer text boxes are reported as ``unplaced_texts``.
+* **Readability.** Underlay boxes are painted semi-opaque in the light or dark tone nearest the
+  background under them; each text takes black or white, whichever contrasts more with the pixels
+  under its box (WCAG luminance), plus a thin outline in the other tone.
+* **Fit.** The font size is the largest that fits the box after wrapping (words for scripts with
+  spaces, characters for CJK).
+* **Fonts.** CJK glyphs need a CJK font. One is searched for in common font folders and through
+  ``fc-list``; without one, CJK text falls back to Pillow's built-in font, which draws empty boxes
+  for CJK. Install one with ``apt-get install fonts-noto-cjk`` (or ``fonts-wqy-zenhei``).
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .pipelines.request import LayoutElement
+
+#: Searched in order; the first file that exists wins. Paths of Debian/Ubuntu, Fedora, Arch, macOS.
+CJK_FONT_CANDIDATES = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Bold.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Bold.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Bold.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/arphic/uming.ttc",
+    "/System/Library/Fonts/PingFang.ttc",
+    "/Library/Fonts/Arial Unicode.ttf",
+)
+LATIN_FONT_CANDIDATES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf",
+    "/System/Library/Fonts/Helvetica.ttc",
+)
+MIN_FONT_PX = 6
+UNDERLAY_ALPHA = 0.6  # opaque enough to quiet a busy background, light enough to show it
+#: When two boxes' vertical centres are closer than this fraction of the smaller height, they are on one row.
+SAME_ROW = 0.5
+
+
+def is_cjk(text: str) -> bool:
+    """True if the text holds CJK ideographs, kana or hangul (characters a Latin font lacks)."""
+    return any(0x2E80 <= ord(ch) <= 0x9FFF or 0xAC00 <= ord(ch) <= 0xD7AF or 0xF900 <= ord(ch) <= 0xFAFF
+               or 0xFF00 <= ord(ch) <= 0xFFEF or 0x20000 <= ord(ch) <= 0x2FA1F for ch in text)
+
+
+@functools.lru_cache(maxsize=None)
+def find_font(cjk: bool) -> str | None:
+    """Path of a font for CJK (or Latin) text, or None: the caller then uses Pillow's built-in font."""
+    for candidate in CJK_FONT_CANDIDATES if cjk else LATIN_FONT_CANDIDATES:
+        if Path(candidate).is_file():
+            return candidate
+    if shutil.which("fc-list"):
+        query = [":lang=zh", "file"] if cjk else [":lang=en:style=Bold", "file"]
+        try:
+            listing = subprocess.run(["fc-list", *query], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            listing = ""
+        files = sorted(line.split(":")[0].strip() for line in listing.splitlines() if line.strip())
+        if files:
+            return files[0]
+    return None
+
+
+def load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if path is not None:
+        return ImageFont.truetype(path, size)
+    # Pillow >= 10.1 ships a scalable built-in font (Latin only: CJK shows as boxes, see module doc)
+    return ImageFont.load_default(size=size)
+
+
+def wrap(text: str, font, max_width: float, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Greedy line breaking: between words, or between characters for CJK and for a word wider than the box."""
+    units = list(text) if is_cjk(text) else text.split(" ")
+    joiner = "" if is_cjk(text) else " "
+    lines, current = [], ""
+    for unit in units:
+        trial = unit if not current else current + joiner + unit
+        if draw.textlength(trial, font=font) <= max_width:
+            current = trial
+            continue
+        if current:
+            lines.append(current)
+        # a single unit wider than the box is broken by characters
+        current = ""
+        for ch in unit:
+            if current and draw.textlength(current + ch, font=font) > max_width:
+                lines.append(current)
+                current = ch
+            else:
+                current += ch
+    if current:
+        lines.append(current)
+    return lines
+
+
+def fit_text(text: str, box_size: tuple[float, float], font_path: str | None, draw: ImageDraw.ImageDraw,
+             spacing: float = 0.15):
+    """Largest font (and its wrapped lines) for which ``text`` fits ``(width, height)``. Binary search
+    on the pixel size: the fitted size decreases monotonically as the text gets longer."""
+    width, height = box_size
+    best = None
+    low, high = MIN_FONT_PX, max(MIN_FONT_PX, int(height))
+    while low <= high:
+        size = (low + high) // 2
+        font = load_font(font_path, size)
+        lines = wrap(text, font, width, draw)
+        if _block_size(lines, font, size, spacing, draw)[1] <= height and all(
+                draw.textlength(line, font=font) <= width for line in lines):
+            best = (font, lines, size)
+            low = size + 1
+        else:
+            high = size - 1
+    if best is None:  # the box is too small even for MIN_FONT_PX: draw at that size, clipped by the box
+        font = load_font(font_path, MIN_FONT_PX)
+        best = (font, wrap(text, font, width, draw), MIN_FONT_PX)
+    return best
+
+
+def _block_size(lines, font, size, spacing, draw):
+    line_height = size * (1 + spacing)
+    width = max((draw.textlength(line, font=font) for line in lines), default=0)
+    return width, line_height * len(lines) - size * spacing
+
+
+def relative_luminance(rgb: np.ndarray) -> float:
+    """WCAG 2 relative luminance of the mean colour of ``rgb`` (uint8, ...x3)."""
+    mean = rgb.reshape(-1, 3).mean(axis=0) / 255.0 if rgb.size else np.array([0.5, 0.5, 0.5])
+    linear = np.where(mean <= 0.03928, mean / 12.92, ((mean + 0.055) / 1.055) ** 2.4)
+    return float(linear @ np.array([0.2126, 0.7152, 0.0722]))
+
+
+def contrast_ratio(l1: float, l2: float) -> float:
+    high, low = max(l1, l2), min(l1, l2)
+    return (high + 0.05) / (low + 0.05)
+
+
+def text_colour(region: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(fill, outline): black or white, whichever contrasts more with the region; outline the other."""
+    luminance = relative_luminance(region)
+    if contrast_ratio(luminance, 1.0) >= contrast_ratio(luminance, 0.0):
+        return (255, 255, 255), (0, 0, 0)
+    return (0, 0, 0), (255, 255, 255)
+
+
+def reading_order(elements: list[LayoutElement]) -> list[LayoutElement]:
+    """Rows top to bottom (boxes whose vertical centres are close share a row), left to right in a row."""
+    rows: list[list[LayoutElement]] = []
+    for element in sorted(elements, key=lambda e: (e.box[1] + e.box[3]) / 2):
+        centre = (element.box[1] + element.box[3]) / 2
+        height = element.box[3] - element.box[1]
+        if rows:
+            last = rows[-1][-1]
+            last_centre = (last.box[1] + last.box[3]) / 2
+            if abs(centre - last_centre) < SAME_ROW * min(height, last.box[3] - last.box[1]):
+                rows[-1].append(element)
+                continue
+        rows.append([element])
+    return [e for row in rows for e in sorted(row, key=lambda e: e.box[0])]
+
+
+def assign_texts(elements: list[LayoutElement], texts: list[str]) -> list[str]:
+    """Set ``.text`` on text boxes (rules in the module doc); returns the texts left unplaced."""
+    text_boxes = [e for e in elements if e.cls == "text"]
+    for element in text_boxes:
+        element.text = None
+    chosen = sorted(text_boxes, key=lambda e: (-e.area, -e.score))[:len(texts)]
+    for element, text in zip(reading_order(chosen), texts):
+        element.text = text
+    return list(texts[len(chosen):])
+
+
+def _clip_box(box, width, height) -> tuple[int, int, int, int] | None:
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    return x1, y1, x2, y2
+
+
+def paint_underlay(canvas: Image.Image, box) -> None:
+    """A rounded, semi-opaque panel in the light or dark tone nearest the background beneath it."""
+    region = np.asarray(canvas.crop(box))
+    tone = (255, 255, 255) if relative_luminance(region) > 0.18 else (0, 0, 0)  # 0.18: mid-grey's luminance
+    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    radius = max(2, min(box[2] - box[0], box[3] - box[1]) // 6)
+    ImageDraw.Draw(overlay).rounded_rectangle(box, radius=radius, fill=(*tone, int(255 * UNDERLAY_ALPHA)))
+    canvas.alpha_composite(overlay)
+
+
+def paste_logo(canvas: Image.Image, box, logo: np.ndarray) -> None:
+    """The logo scaled to fit inside the box (aspect kept), centred, blended by its alpha."""
+    image = Image.fromarray(logo, "RGBA")
+    width, height = box[2] - box[0], box[3] - box[1]
+    scale = min(width / image.width, height / image.height)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.LANCZOS)
+    offset = (box[0] + (width - image.width) // 2, box[1] + (height - image.height) // 2)
+    canvas.alpha_composite(image, offset)
+
+
+def draw_text(canvas: Image.Image, box, text: str) -> None:
+    draw = ImageDraw.Draw(canvas)
+    width, height = box[2] - box[0], box[3] - box[1]
+    font_path = find_font(cjk=is_cjk(text))
+    font, lines, size = fit_text(text, (width, height), font_path, draw)
+    fill, outline = text_colour(np.asarray(canvas.convert("RGB").crop(box)))
+    stroke = max(1, size // 16)
+    block_w, block_h = _block_size(lines, font, size, 0.15, draw)
+    y = box[1] + (height - block_h) / 2
+    for line in lines:  # centred: poster text is centred in its box far more often than not
+        x = box[0] + (width - draw.textlength(line, font=font)) / 2
+        draw.text((x, y), line, font=font, fill=fill, stroke_width=stroke, stroke_fill=outline)
+        y += size * 1.15
+
+
+def compose_poster(background: np.ndarray, elements: list[LayoutElement], logo: np.ndarray | None = None) -> np.ndarray:
+    """Draw underlays, then the logo, then the texts already assigned to text boxes; RGB uint8 out."""
+    height, width = background.shape[:2]
+    canvas = Image.fromarray(background).convert("RGBA")
+    boxes = [(e, _clip_box(e.box, width, height)) for e in elements]
+    boxes = [(e, b) for e, b in boxes if b is not None]
+    for element, box in boxes:
+        if element.cls == "underlay":
+            paint_underlay(canvas, box)
+    if logo is not None:
+        for element, box in boxes:
+            if element.cls == "logo":
+                paste_logo(canvas, box, logo)
+    for element, box in boxes:
+        if element.cls == "text" and element.text:
+            draw_text(canvas, box, element.text)
+    return np.asarray(canvas.convert("RGB"))

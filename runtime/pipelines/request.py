@@ -1,0 +1,121 @@
+"""What every pipeline takes (``PosterRequest``) and returns (``PosterResult``), and their checks.
+
+A request holds arrays, not paths: the CLI loads and checks files (``runtime/images.py``); a
+service builds requests from its own inputs. ``validate`` checks everything a user chooses.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..contracts import DYNAMIC_DIMS
+from ..errors import InputError
+from ..images import check_texts
+
+#: Denoising steps a user may ask for. 1 is RADM's default; past 200 no sampler here improves.
+STEPS_RANGE = (1, 200)
+#: Classifier-free guidance scale. 1 disables guidance (one UNet pass per step); past 30 SD
+#: saturates colours to noise.
+GUIDANCE_RANGE = (1.0, 30.0)
+SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_GUIDANCE = 7.5
+#: Default canvas: the contracts' optimum size (the size TensorRT profiles are tuned for).
+DEFAULT_SIZE = (DYNAMIC_DIMS["width"].opt, DYNAMIC_DIMS["height"].opt)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512x768"`` -> (512, 768), checked against the contracts' height/width ranges."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not match:
+        raise InputError(f"--size: got {text!r}, expected WIDTHxHEIGHT such as 512x512")
+    size = int(match.group(1)), int(match.group(2))
+    check_size(size)
+    return size
+
+
+def check_size(size: tuple[int, int]) -> None:
+    for value, axis in zip(size, ("width", "height")):
+        rng = DYNAMIC_DIMS[axis]
+        if not rng.min <= value <= rng.max or value % rng.multiple_of:
+            raise InputError(f"--size: {axis} {value} must be a multiple of {rng.multiple_of} in "
+                             f"{rng.min}..{rng.max}, got {size[0]}x{size[1]}")
+
+
+@dataclass
+class PosterRequest:
+    product: np.ndarray  # RGB uint8 HxWx3, any size (fitted into the canvas)
+    texts: list[str] = field(default_factory=list)
+    product_mask: np.ndarray | None = None  # float32 HxW, 1 = product (from alpha or --mask)
+    category: str = "product"
+    style: np.ndarray | None = None  # RGB uint8 reference image for the personalized generator
+    logo: np.ndarray | None = None  # RGBA uint8, pasted into logo boxes
+    size: tuple[int, int] = DEFAULT_SIZE  # (width, height) of the poster
+    steps: int | None = None  # generator steps (background / render); None: the bundle's default
+    layout_steps: int | None = None  # RADM / PlanNet steps; None: the family config's default
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = 0
+    scheduler: str = DEFAULT_SCHEDULER
+
+    def validate(self) -> "PosterRequest":
+        if not (isinstance(self.product, np.ndarray) and self.product.dtype == np.uint8 and self.product.ndim == 3
+                and self.product.shape[2] == 3):
+            raise InputError(f"product: expected an RGB uint8 array HxWx3, got {getattr(self.product, 'shape', self.product)!r}")
+        if self.product_mask is not None and self.product_mask.shape != self.product.shape[:2]:
+            raise InputError(f"product_mask: shape {self.product_mask.shape} does not match the product image "
+                             f"{self.product.shape[:2]}")
+        self.texts = check_texts(self.texts)
+        check_size(self.size)
+        for name, value in (("--steps", self.steps), ("--layout-steps", self.layout_steps)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or not STEPS_RANGE[0] <= value <= STEPS_RANGE[1]):
+                raise InputError(f"{name}: got {value!r}, expected an integer in {STEPS_RANGE[0]}..{STEPS_RANGE[1]}")
+        if not GUIDANCE_RANGE[0] <= float(self.guidance) <= GUIDANCE_RANGE[1]:
+            raise InputError(f"--guidance: got {self.guidance!r}, expected a number in {GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"--scheduler: got {self.scheduler!r}, expected one of {', '.join(SCHEDULERS)}")
+        if not 0 <= int(self.seed) < 2 ** 63:
+            raise InputError(f"--seed: got {self.seed!r}, expected an integer in 0..2**63-1")
+        if not self.category or not self.category.strip():
+            raise InputError(f"--category: got {self.category!r}, expected a category name such as 'shoes'")
+        return self
+
+
+@dataclass
+class LayoutElement:
+    cls: str  # a class name of the layout model (logo, text, underlay, embellishment, product, ...)
+    box: tuple[float, float, float, float]  # pixel x1, y1, x2, y2 on the poster
+    score: float
+    text: str | None = None  # the text line placed in this box (text boxes only)
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+    def to_json(self) -> dict:
+        out = {"class": self.cls, "box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 4)}
+        if self.text is not None:
+            out["text"] = self.text
+        return out
+
+
+@dataclass
+class PosterResult:
+    image: np.ndarray  # RGB uint8 HxWx3: the poster (or the background / render alone)
+    elements: list[LayoutElement]
+    pipeline: str
+    request: PosterRequest
+    unplaced_texts: list[str] = field(default_factory=list)  # texts for which no text box was predicted
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+
+    def layout_json(self) -> dict:
+        """The ``poster.json`` document; schema in docs/layout-json.md."""
+        height, width = self.image.shape[:2]
+        return {
+            "format": "posterrt-layout", "version": 1, "pipeline": self.pipeline,
+            "width": width, "height": height, "seed": int(self.request.seed),
+            "elements": [e.to_json() for e in self.elements],
+            "unplaced_texts": list(self.unplaced_texts),
+        }
