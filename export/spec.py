@@ -31,6 +31,9 @@ class Exportable:
     rtol: float = FP32_RTOL
     #: sizes for dynamic axes this model constrains (e.g. a fixed image size)
     size_overrides: dict = field(default_factory=dict)
+    #: f(output_name, expected) -> bool array of the entries that set an output's scale in the parity
+    #: check (default: all). Constants by design (logits masked to -1e4) would otherwise dwarf the error.
+    parity_scale_mask: Callable[[str, np.ndarray], np.ndarray] | None = None
 
     @property
     def contract(self) -> ModelContract:
