@@ -1,0 +1,184 @@
+"""`posterrt engines build`: one TensorRT plan per served model, from a bundle's ONNX.
+
+Per model: clean the ONNX and apply the precision policy (``cleanup.prepare_onnx``), parse it into
+a strongly typed network, add one optimization profile from the contracts, build with a shared
+timing cache, and write ``<model>.plan`` + ``<model>.build.log`` + the manifest entry.
+
+``tensorrt`` is imported only inside :func:`import_tensorrt`, so this module loads (and its
+profile / option logic is tested) on machines without a GPU.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.contracts import DimRange
+from posterrt.runtime.errors import InputError, PosterRTError
+
+from .cleanup import prepare_onnx
+from .manifest import EngineError, current_gpu, engine_entry, update_entry
+from .precision import check_precision
+from .profiles import model_profile, profile_ranges
+
+#: UNets get REFIT so a new style adapter / LoRA (merged into the weights) swaps in without a rebuild.
+DEFAULT_REFITTABLE = ("bg_unet",)
+MAX_OPT_LEVEL = 5
+
+
+class TensorRTMissing(PosterRTError):
+    """TensorRT's Python package is not importable here."""
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise TensorRTMissing("TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU)") from None
+    return tensorrt
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "fp16"
+    opt_level: int = 3
+    workspace_gb: float = 8.0
+    timing_cache: Path | None = None
+    refittable: tuple = DEFAULT_REFITTABLE
+    shapes: dict = field(default_factory=dict)  # --shapes overrides: {dim: DimRange}
+    clean_tool: str = "auto"
+
+    def __post_init__(self):
+        check_precision(self.precision)
+        if not 0 <= int(self.opt_level) <= MAX_OPT_LEVEL:
+            raise InputError(f"--opt-level: got {self.opt_level}, expected 0..{MAX_OPT_LEVEL} (TensorRT's builder optimization level)")
+        if not self.workspace_gb > 0:
+            raise InputError(f"--workspace-gb: got {self.workspace_gb}, expected a positive size in GiB")
+
+    def record(self, model: str) -> dict:
+        """The options as the manifest keeps them (JSON)."""
+        return {"opt_level": int(self.opt_level), "workspace_gb": self.workspace_gb,
+                "timing_cache": str(self.timing_cache) if self.timing_cache else None,
+                "refittable": model in self.refittable, "strongly_typed": True,
+                "tf32": self.precision != "fp32", "clean_tool": self.clean_tool,
+                "shapes": {k: asdict(v) for k, v in self.shapes.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The TensorRT part: one ONNX file -> one serialized plan
+# ---------------------------------------------------------------------------------------------
+def file_logger(trt, path: Path):
+    """A trt.ILogger that keeps the build's messages (INFO and up) in ``path``."""
+
+    class FileLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.handle = open(path, "a", encoding="utf-8")
+
+        def log(self, severity, msg):
+            if severity != trt.ILogger.Severity.VERBOSE:
+                self.handle.write(f"[{getattr(severity, 'name', severity)}] {msg}\n")
+                self.handle.flush()
+
+        def close(self):
+            self.handle.close()
+
+    return FileLogger()
+
+
+def build_plan(trt, onnx_path: Path, profile: dict, *, precision: str, opt_level: int, workspace_gb: float,
+               refittable: bool, timing_cache: bytes, logger) -> tuple[bytes, bytes]:
+    """Build one plan. Returns (plan bytes, updated timing cache bytes)."""
+    builder = trt.Builder(logger)
+    # Strongly typed: the ONNX's types are the precision (see engines/precision.py). TensorRT 11
+    # builds every network this way; on 10.x the flag opts in.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if sorted(network_inputs) != sorted(profile):
+        raise EngineError(f"{onnx_path.name}: network inputs {network_inputs} do not match the contract's {list(profile)}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.builder_optimization_level = int(opt_level)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls would cost ~1e-3 of parity
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    optimization_profile = builder.create_optimization_profile()
+    for name, shapes in profile.items():
+        optimization_profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(optimization_profile)
+
+    cache = config.create_timing_cache(timing_cache)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another GPU or TensorRT version: start a fresh one rather than fail
+        logger.log(trt.ILogger.Severity.WARNING, "timing cache does not match this GPU/TensorRT; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path.name}; see the build log")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: every requested model of a bundle
+# ---------------------------------------------------------------------------------------------
+def write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def build_engines(bundle_dir, out_dir, models: list[str], options: BuildOptions, progress: bool = True) -> dict:
+    trt = import_tensorrt()  # first: without TensorRT nothing else is worth doing
+    bundle = Bundle(bundle_dir)
+    bundle.require(models)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = current_gpu()
+    cache_path = Path(options.timing_cache) if options.timing_cache else out / "timing.cache"
+    options.timing_cache = cache_path
+    timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
+    manifest = None
+    bar = tqdm(models, desc="engines", unit="model", disable=not progress)
+    for model in bar:
+        bar.set_postfix_str(model)
+        contract = bundle.contract(model)
+        profile = model_profile(contract, options.shapes)
+        log_path = out / f"{model}.build.log"
+        log_path.write_text(f"posterrt engines build {model}: precision {options.precision}, "
+                            f"options {options.record(model)}\nprofile {profile}\n")
+        logger = file_logger(trt, log_path)
+        started = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"posterrt-{model}-", dir=out) as work:
+                prepared = Path(work) / f"{model}.onnx"
+                report = prepare_onnx(bundle.model_path(model), prepared, model_name=model,
+                                      precision=options.precision, tool=options.clean_tool)
+                logger.log(trt.ILogger.Severity.INFO, f"prepared ONNX: {report}")
+                plan, timing_cache = build_plan(
+                    trt, prepared, profile, precision=options.precision, opt_level=options.opt_level,
+                    workspace_gb=options.workspace_gb, refittable=model in options.refittable,
+                    timing_cache=timing_cache, logger=logger)
+        finally:
+            logger.close()
+        write_atomic(out / f"{model}.plan", plan)
+        write_atomic(cache_path, timing_cache)  # after every model: an interrupted run keeps its timings
+        entry = engine_entry(
+            model=model, plan=f"{model}.plan", precision=options.precision, profile=profile,
+            ranges=profile_ranges(contract, options.shapes), gpu=gpu, tensorrt_version=trt.__version__,
+            source_onnx_sha256=bundle.models[model].sha256, bundle=str(Path(bundle_dir).resolve()),
+            build_options=options.record(model), build_seconds=time.perf_counter() - started)
+        entry["onnx_prepare"] = {k: report[k] for k in ("tool", "nodes_before", "nodes_after", "fp32_nodes")}
+        manifest = update_entry(out, model, entry)
+    return manifest

@@ -1,0 +1,137 @@
+"""`posterrt engines {build,clean,refit,show}`: arguments here; TensorRT is imported only by build/refit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posterrt.runtime.contracts import MODEL_NAMES
+from posterrt.runtime.errors import InputError, ParityError
+
+from .precision import PRECISIONS
+
+
+def _models(text: str | None) -> list[str]:
+    if not text:
+        return list(MODEL_NAMES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:
+        raise InputError(f"--models: unknown model(s) {unknown}; expected names from {', '.join(MODEL_NAMES)}")
+    return [n for n in MODEL_NAMES if n in names]
+
+
+def _refittable(text: str) -> tuple:
+    return () if text.strip().lower() == "none" else tuple(_models(text))
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    build = sub.add_parser("build", help="build TensorRT plans from a bundle (needs an NVIDIA GPU and TensorRT)")
+    build.add_argument("--bundle", required=True, type=Path, help="bundle folder written by `posterrt export`")
+    build.add_argument("--out", required=True, type=Path, help="engines folder (plans, build logs, manifest.json)")
+    build.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    build.add_argument("--shapes", help="narrow profile ranges: height=512:768:1024,cfg_batch=2:2:4 (NAME=SIZE fixes one)")
+    build.add_argument("--models", help="comma-separated served models (default: all in the bundle's contracts)")
+    build.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5 (default 3)")
+    build.add_argument("--workspace-gb", type=float, default=8.0, help="builder workspace memory pool in GiB (default 8)")
+    build.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated (default OUT/timing.cache)")
+    build.add_argument("--refittable", default=",".join(("bg_unet",)),
+                       help="models built with REFIT, comma-separated, or 'none' (default bg_unet)")
+    build.add_argument("--clean-tool", default="auto", choices=("auto", "onnxslim", "onnxruntime"))
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    clean = sub.add_parser("clean", help="clean a bundle's ONNX for TensorRT / ONNX Runtime GPU and check parity (CPU)")
+    clean.add_argument("--bundle", required=True, type=Path)
+    clean.add_argument("--out", required=True, type=Path, help="folder for <model>.onnx and clean.json")
+    clean.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    clean.add_argument("--models", help="comma-separated served models (default: every model in the bundle)")
+    clean.add_argument("--clean-tool", default="auto", choices=("auto", "onnxslim", "onnxruntime"))
+
+    refit = sub.add_parser("refit", help="put new weights (an adapter / LoRA merged and exported) into a refittable plan")
+    refit.add_argument("--engine", required=True, type=Path, help="the plan, e.g. ENGINES/bg_unet.plan")
+    refit.add_argument("--onnx", required=True, type=Path, help="the model exported again with the new weights")
+
+    show = sub.add_parser("show", help="list the engines of a folder and whether they fit this machine")
+    show.add_argument("--engines", required=True, type=Path)
+
+
+def run(args) -> int:
+    return {"build": _build, "clean": _clean, "refit": _refit, "show": _show}[args.action](args)
+
+
+def _build(args) -> int:
+    from .build import BuildOptions, build_engines
+    from .profiles import parse_shapes
+
+    options = BuildOptions(precision=args.precision, opt_level=args.opt_level, workspace_gb=args.workspace_gb,
+                           timing_cache=args.timing_cache, refittable=_refittable(args.refittable),
+                           shapes=parse_shapes(args.shapes), clean_tool=args.clean_tool)
+    models = _models(args.models)
+    manifest = build_engines(args.bundle, args.out, models, options, progress=not args.quiet)
+    for name in models:
+        entry = manifest["engines"][name]
+        print(f"{name:18s} {entry['precision']}  {entry['build_seconds']:7.1f}s  {args.out / entry['plan']}")
+    return 0
+
+
+def _clean(args) -> int:
+    from posterrt.runtime.bundle import Bundle
+
+    from .cleanup import CLEAN_RTOL, FP16_RTOL, compare_onnx, prepare_onnx
+
+    bundle = Bundle(args.bundle)
+    models = _models(args.models) if args.models else [m for m in MODEL_NAMES if m in bundle.models]
+    bundle.require(models)
+    args.out.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for name in models:
+        source, target = bundle.model_path(name), args.out / f"{name}.onnx"
+        report = prepare_onnx(source, target, model_name=name, precision=args.precision, tool=args.clean_tool)
+        if args.precision == "bf16":
+            report["parity"] = "not run: ONNX Runtime has no bf16 kernels for these opset-17 ops (TensorRT only)"
+            parity_text = "parity not run (bf16)"
+        else:
+            rtol = CLEAN_RTOL if args.precision == "fp32" else FP16_RTOL
+            report["parity"] = compare_onnx(source, target, bundle.contract(name), rtol=rtol)
+            if not report["parity"]["passed"]:
+                target.unlink()
+                raise ParityError(f"{name}: the cleaned {args.precision} ONNX differs from the bundle's by "
+                                  f"{report['parity']['max_rel']:.2e} relative (tolerance {rtol:.0e}); seed {report['parity']['seed']}")
+            parity_text = f"parity max rel {report['parity']['max_rel']:.1e} (tol {rtol:.0e})"
+        reports[name] = report
+        print(f"{name:18s} nodes {report['nodes_before']:5d} -> {report['nodes_after']:5d}  {parity_text}")
+    (args.out / "clean.json").write_text(json.dumps(reports, indent=2, sort_keys=True))
+    return 0
+
+
+def _refit(args) -> int:
+    from .refit import refit_engine
+
+    entry = refit_engine(args.engine, args.onnx)
+    last = entry["refits"][-1]
+    print(f"{entry['model']}: refitted {last['weights']} weights from {args.onnx} in {last['seconds']}s")
+    return 0
+
+
+def _show(args) -> int:
+    from .manifest import EngineError, check_engine_compatible, current_gpu, read_manifest
+
+    manifest = read_manifest(args.engines)
+    try:
+        import tensorrt
+
+        here = (current_gpu(), tensorrt.__version__)
+    except (ImportError, EngineError):
+        here = None
+    for name, entry in sorted(manifest["engines"].items()):
+        status = "cannot check here (no TensorRT or GPU)"
+        if here is not None:
+            try:
+                check_engine_compatible(entry, *here)
+                status = "fits this machine"
+            except EngineError as error:
+                status = str(error)
+        print(f"{name:18s} {entry['precision']:5s} TensorRT {entry['tensorrt_version']}  {entry['gpu']['name']} "
+              f"(sm {entry['gpu']['compute_capability']})  refits {len(entry['refits'])}  {status}")
+    return 0
