@@ -5,6 +5,8 @@ Each encoder gets its own ``Tokenizer`` configured once with fixed-length paddin
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -43,20 +45,22 @@ def encode_lines(tokenizer: Tokenizer, lines: list[str]) -> tuple[np.ndarray, np
     return ids, mask
 
 
-def encode_prompt(tokenizer: Tokenizer, template: str, fill: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids ``[length]`` of ``template.format(category=fill)`` and a float32 mask ``[length]``
-    marking the tokens that spell ``fill`` (the category identifier whose cross-attention the
+def encode_prompt(tokenizer: Tokenizer, template: str, fields: Mapping[str, str],
+                  marked: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``[length]`` of ``template.format(**fields)`` and a float32 mask ``[length]`` marking
+    the tokens that spell the field ``marked`` (the category identifier whose cross-attention the
     background generator confines to the background).
 
     Tokens are matched by character offsets, so the mask is right for any BPE split of the word.
     """
-    head, placeholder, _ = template.partition("{category}")
-    prompt = template.format(category=fill)
+    prompt = template.format(**fields)
     encoding = tokenizer.encode(prompt)
     ids = np.array(encoding.ids, dtype=np.int64)
     marks = np.zeros(len(ids), dtype=np.float32)
-    if placeholder and fill:
-        start, end = len(head), len(head) + len(fill)
+    placeholder = "{" + marked + "}" if marked else None
+    if placeholder and placeholder in template and fields[marked]:
+        start = len(template.split(placeholder)[0].format(**fields))
+        end = start + len(fields[marked])
         for index, ((lo, hi), special) in enumerate(zip(encoding.offsets, encoding.special_tokens_mask)):
             if not special and lo < end and hi > start:
                 marks[index] = 1.0

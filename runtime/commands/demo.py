@@ -1,0 +1,71 @@
+"""`posterrt demo`: a poster from the product image posterrt ships, on a fresh machine.
+
+If the bundle folder holds no bundle yet, the tiny preset of all twelve models is exported into it
+first (random weights, a minute on a laptop). That export is the one place the runtime side
+triggers the torch export code, and it is imported only then: with a bundle at hand the demo
+runs without torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .generate import default_bundle_dir, write_outputs
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PRODUCT = ASSETS / "product.png"  # drawn by assets/make_product.py: a juice bottle with an alpha cutout
+LOGO = ASSETS / "logo.png"
+TEXTS = ["Fresh Orange Juice", "100% pressed, no sugar added", "Buy 2 get 1 free"]
+CATEGORY = "juice"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help=f"bundle folder; the tiny bundle is exported there if absent (default {default_bundle_dir()})")
+    parser.add_argument("--out", type=Path, default=Path("posterrt-demo"), help="folder for poster.png and poster.json")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def ensure_bundle(folder: Path, progress: bool) -> Path:
+    """Export the tiny bundle into ``folder`` unless a bundle with every model is already there."""
+    from ..bundle import MANIFEST, Bundle
+    from ..contracts import MODEL_NAMES
+
+    if (folder / MANIFEST).is_file():
+        bundle = Bundle(folder)  # refuses another contract version with its own message
+        missing = [m for m in MODEL_NAMES if m not in bundle.models]
+        if not missing:
+            return folder
+        if bundle.preset != "tiny":
+            raise InputError(f"--bundle: {folder} (preset {bundle.preset!r}) lacks models {missing}; export them "
+                             f"with `posterrt export --preset {bundle.preset} --models {','.join(missing)} --out {folder}`")
+    try:
+        from posterrt.export.bundle_writer import export_bundle
+    except ModuleNotFoundError as error:
+        raise InputError(f"--bundle: no bundle at {folder}, and building one needs {error.name!r}: install "
+                         f"posterrt[export] (PyTorch), or pass --bundle DIR with an exported bundle") from None
+    print(f"exporting the tiny bundle to {folder} (once) ...")
+    export_bundle("tiny", list(MODEL_NAMES), folder, progress=progress)
+    return folder
+
+
+def run(args) -> int:
+    from ..backends.onnxruntime import OrtBackend
+    from ..bundle import Bundle
+    from ..images import load_product, load_rgba
+    from ..pipelines import build_pipeline
+    from ..pipelines.request import PosterRequest
+
+    folder = ensure_bundle(args.bundle or default_bundle_dir(), progress=not args.quiet)
+    product, mask = load_product(PRODUCT)
+    request = PosterRequest(product=product, product_mask=mask, texts=list(TEXTS), category=CATEGORY,
+                            logo=load_rgba(LOGO, "logo"), seed=args.seed).validate()
+    with OrtBackend(Bundle(folder)) as backend:
+        result = build_pipeline("poster", backend, progress=not args.quiet)(request)
+    args.out.mkdir(parents=True, exist_ok=True)
+    poster, layout = write_outputs(result, args.out / "poster.png")
+    print(f"poster: {poster.resolve()}")
+    print(f"layout: {layout.resolve()}")
+    print("timings: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items()))
+    return 0

@@ -1,0 +1,100 @@
+"""Stable Diffusion machinery shared by the background and render pipelines: the prompt encoder,
+the latent denoising loop (the only per-step work) and the VAE decode.
+
+Randomness: every stage draws from its own generator seeded by ``(seed, stage)``, so the same
+request gives the same output and changing one stage's step count leaves the others' noise alone.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from ..backends.base import Backend
+from ..errors import BundleError
+from ..schedulers import batch_for_guidance, combine_guidance
+from ..text import encode_prompt, load_tokenizer
+
+
+def stage_rng(seed: int, stage: str) -> np.random.Generator:
+    """A generator per (seed, stage): stable across runs and platforms (PCG64 on a fixed seed sequence)."""
+    return np.random.default_rng([int(seed), zlib.crc32(stage.encode())])
+
+
+def family_config(backend: Backend, family: str) -> dict:
+    config = backend.bundle.config.get(family)
+    if config is None:
+        raise BundleError(f"bundle {backend.bundle.root}: the manifest has no config for {family!r}; export its models "
+                          f"into this bundle")
+    return config
+
+
+class PromptEncoder:
+    """CLIP prompt -> ``encoder_hidden_states`` for the UNets (prologue: once per request).
+
+    The prompt is the family's template with the product category (and the default style words)
+    filled in; the unconditional prompt for guidance is the family's negative prompt (empty, as
+    in diffusers).
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        config = family_config(backend, "stable_diffusion")
+        length = backend.contract("clip_text_encoder").input("input_ids").shape[1]
+        self.template = config["prompt_template"]
+        self.style_words = config.get("default_style", "")
+        self.negative_prompt = config.get("negative_prompt", "")
+        self.tokenizer = load_tokenizer(backend.bundle, "clip_tokenizer", length, pad_id=config.get("pad_token_id"))
+
+    def __call__(self, category: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{"encoder_hidden_states": (uncond, cond), "category_token_mask": (uncond, cond)}``, each [1, ...]."""
+        fields = {"category": category, "style": self.style_words}
+        cond_ids, category_marks = encode_prompt(self.tokenizer, self.template, fields, marked="category")
+        uncond_ids, _ = encode_prompt(self.tokenizer, self.negative_prompt, {})
+        ids = np.stack([uncond_ids, cond_ids])
+        hidden = self.backend.run("clip_text_encoder", {"input_ids": ids})["text_embeddings"]
+        marks = category_marks[None]
+        return {"encoder_hidden_states": (hidden[:1], hidden[1:]),
+                "category_token_mask": (np.zeros_like(marks), marks)}
+
+
+def initial_latents(shape: tuple[int, ...], scheduler, rng: np.random.Generator) -> np.ndarray:
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+
+
+def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps: int, guidance: float,
+            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True,
+            on_step: Callable[[int], None] | None = None) -> np.ndarray:
+    """The sampling loop: per step, only the noisy latents and the timestep change.
+
+    ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
+    (outside this loop): text embeddings, masked-image latents, control embedding, scales.
+    """
+    scheduler.set_timesteps(steps)
+    for index, t in enumerate(tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress)):
+        per_step = batch_for_guidance(guidance, shared={"sample": scheduler.scale_model_input(latents, t)})
+        batch = per_step["sample"].shape[0]
+        noise = backend.run(model, {**step_invariant, **per_step,
+                                    "timestep": np.full(batch, t, dtype=np.float32)})["noise_pred"]
+        latents = scheduler.step(combine_guidance(noise, guidance), t, latents, generator=rng)
+        if on_step is not None:
+            on_step(index)
+    return latents
+
+
+def decode(backend: Backend, latents: np.ndarray) -> np.ndarray:
+    """VAE decode (epilogue) to RGB uint8 HxWx3; the graph already maps to 0..1."""
+    image = backend.run("vae_decoder", {"latent": latents.astype(np.float32)})["image"][0]
+    return to_uint8(image.transpose(1, 2, 0))
+
+
+def to_uint8(image01: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image01 * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_chw(rgb: np.ndarray, low: float, high: float) -> np.ndarray:
+    """RGB uint8 HxWx3 -> float32 [1, 3, H, W] scaled to low..high (the contract's value range)."""
+    scaled = rgb.astype(np.float32) / np.float32(255.0) * np.float32(high - low) + np.float32(low)
+    return np.ascontiguousarray(scaled.transpose(2, 0, 1)[None])
