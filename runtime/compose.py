@@ -111,37 +111,55 @@ def wrap(text: str, font, max_width: float, draw: ImageDraw.ImageDraw) -> list[s
     return lines
 
 
-def fit_text(text: str, box_size: tuple[float, float], font_path: str | None, draw: ImageDraw.ImageDraw,
-             spacing: float = 0.15):
-    """Largest font (and its wrapped lines) for which ``text`` fits ``(width, height)``. Binary search
-    on the pixel size: the fitted size decreases monotonically as the text gets longer."""
+def fit_text(text: str, box_size: tuple[float, float], font_path: str | None, draw: ImageDraw.ImageDraw):
+    """A large font (and its wrapped lines) for which ``text`` fits ``(width, height)``, measured on
+    the real glyph extents, outline included.
+
+    Binary search on the pixel size, since the block mostly grows with the size; a different line
+    break can make a slightly larger size fit again, so the sizes up to 25% above are tried too.
+    """
     width, height = box_size
+
+    def attempt(size):
+        font = load_font(font_path, size)
+        lines = wrap(text, font, width - 2 * stroke_width(size), draw)
+        left, top, right, bottom = text_block(lines, font, size, draw)
+        return (font, lines, size) if right - left <= width and bottom - top <= height else None
+
     best = None
     low, high = MIN_FONT_PX, max(MIN_FONT_PX, int(height))
     while low <= high:
         size = (low + high) // 2
-        font = load_font(font_path, size)
-        lines = wrap(text, font, width, draw)
-        if _block_size(lines, font, size, spacing, draw)[1] <= height and all(
-                draw.textlength(line, font=font) <= width for line in lines):
-            best = (font, lines, size)
-            low = size + 1
+        fitted = attempt(size)
+        if fitted:
+            best, low = fitted, size + 1
         else:
             high = size - 1
     if best is None:  # the box is too small even for MIN_FONT_PX: draw at that size, clipped by the box
         font = load_font(font_path, MIN_FONT_PX)
-        best = (font, wrap(text, font, width, draw), MIN_FONT_PX)
+        return font, wrap(text, font, width, draw), MIN_FONT_PX
+    for size in range(best[2] + 2, min(int(height), int(best[2] * 1.25)) + 1):
+        best = attempt(size) or best
     return best
 
 
-def _block_size(lines, font, size, spacing, draw):
-    line_height = size * (1 + spacing)
-    width = max((draw.textlength(line, font=font) for line in lines), default=0)
-    return width, line_height * len(lines) - size * spacing
+def stroke_width(size: int) -> int:
+    return max(1, size // 16)
+
+
+def line_spacing(size: int) -> int:
+    return max(1, int(size * 0.15))
+
+
+def text_block(lines, font, size, draw) -> tuple[float, float, float, float]:
+    """Bounding box of the centred multi-line block drawn at (0, 0), outline included."""
+    return draw.multiline_textbbox((0, 0), "\n".join(lines), font=font, spacing=line_spacing(size), align="center",
+                                   stroke_width=stroke_width(size))
 
 
 def relative_luminance(rgb: np.ndarray) -> float:
     """WCAG 2 relative luminance of the mean colour of ``rgb`` (uint8, ...x3)."""
+    rgb = np.asarray(rgb)[..., :3]  # an RGBA crop counts by its colour
     mean = rgb.reshape(-1, 3).mean(axis=0) / 255.0 if rgb.size else np.array([0.5, 0.5, 0.5])
     linear = np.where(mean <= 0.03928, mean / 12.92, ((mean + 0.055) / 1.055) ** 2.4)
     return float(linear @ np.array([0.2126, 0.7152, 0.0722]))
@@ -201,7 +219,9 @@ def paint_underlay(canvas: Image.Image, box) -> None:
     tone = (255, 255, 255) if relative_luminance(region) > 0.18 else (0, 0, 0)  # 0.18: mid-grey's luminance
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     radius = max(2, min(box[2] - box[0], box[3] - box[1]) // 6)
-    ImageDraw.Draw(overlay).rounded_rectangle(box, radius=radius, fill=(*tone, int(255 * UNDERLAY_ALPHA)))
+    # Pillow rectangles include their right and bottom edges: stop one pixel short of x2, y2
+    ImageDraw.Draw(overlay).rounded_rectangle((box[0], box[1], box[2] - 1, box[3] - 1), radius=radius,
+                                              fill=(*tone, int(255 * UNDERLAY_ALPHA)))
     canvas.alpha_composite(overlay)
 
 
@@ -217,18 +237,19 @@ def paste_logo(canvas: Image.Image, box, logo: np.ndarray) -> None:
 
 
 def draw_text(canvas: Image.Image, box, text: str) -> None:
-    draw = ImageDraw.Draw(canvas)
+    """Fit, colour and centre ``text`` in ``box``. Drawn on a layer the size of the box, so no
+    glyph ever spills onto a neighbouring element."""
     width, height = box[2] - box[0], box[3] - box[1]
-    font_path = find_font(cjk=is_cjk(text))
-    font, lines, size = fit_text(text, (width, height), font_path, draw)
-    fill, outline = text_colour(np.asarray(canvas.convert("RGB").crop(box)))
-    stroke = max(1, size // 16)
-    block_w, block_h = _block_size(lines, font, size, 0.15, draw)
-    y = box[1] + (height - block_h) / 2
-    for line in lines:  # centred: poster text is centred in its box far more often than not
-        x = box[0] + (width - draw.textlength(line, font=font)) / 2
-        draw.text((x, y), line, font=font, fill=fill, stroke_width=stroke, stroke_fill=outline)
-        y += size * 1.15
+    layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    font, lines, size = fit_text(text, (width, height), find_font(cjk=is_cjk(text)), draw)
+    fill, outline = text_colour(np.asarray(canvas.crop(box)))
+    left, top, right, bottom = text_block(lines, font, size, draw)
+    origin = ((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top)
+    # centred: poster text is centred in its box far more often than not
+    draw.multiline_text(origin, "\n".join(lines), font=font, fill=fill, spacing=line_spacing(size), align="center",
+                        stroke_width=stroke_width(size), stroke_fill=outline)
+    canvas.alpha_composite(layer, (box[0], box[1]))
 
 
 def compose_poster(background: np.ndarray, elements: list[LayoutElement], logo: np.ndarray | None = None) -> np.ndarray:

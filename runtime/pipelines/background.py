@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends.base import Backend
+from ..errors import InputError
 from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
@@ -86,6 +87,9 @@ class BackgroundPipeline:
 
     def __call__(self, request: PosterRequest) -> PosterResult:
         request.validate()
+        if request.product_mask is None:
+            raise InputError("product_mask: the background pipeline paints around the product and needs its cutout; "
+                             "give a PNG with transparency or --mask")
         started = time.perf_counter()
         canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
         image = self.generate(canvas, mask, request)

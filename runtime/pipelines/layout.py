@@ -1,0 +1,89 @@
+"""RADM (CIKM 2023): layout boxes for a given background image and text lines.
+
+Prologue (once per request): the backbone's FPN features of the image and one feature per text
+line. Loop: the box sampler calls the head once per step on the current noisy boxes. Epilogue:
+top-k, class-wise NMS and the score threshold (inside the sampler), then class names.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..compose import assign_texts, compose_poster
+from ..images import fit_to_canvas
+from ..schedulers.radm import RADMSampler
+from ..text import encode_lines, load_tokenizer
+from .diffusion import family_config, stage_rng, to_chw
+from .request import LayoutElement, PosterRequest, PosterResult
+
+MODELS = ("radm_backbone", "radm_text_encoder", "radm_head")
+FPN_LEVELS = ("p2", "p3", "p4", "p5")
+
+
+class RADMLayout:
+    """The RADM stage: image + texts -> layout elements. Used by the layout and poster pipelines."""
+
+    def __init__(self, backend: Backend, progress: bool = True):
+        backend.bundle.require(MODELS)
+        self.backend = backend
+        self.progress = progress
+        self.config = family_config(backend, "radm")
+        self.class_names = list(self.config["class_names"])
+        self.tokenizer = load_tokenizer(backend.bundle, "radm_tokenizer", int(self.config["max_text_tokens"]),
+                                        pad_id=self.config.get("text_pad_token_id"))
+
+    def __call__(self, image: np.ndarray, texts: list[str], seed: int, steps: int | None = None) -> list[LayoutElement]:
+        """Layout of ``image`` (RGB uint8 HxWx3, H and W multiples of 64) for ``texts``."""
+        height, width = image.shape[:2]
+        # -- prologue: once per request --------------------------------------------------------
+        features = self.backend.run("radm_backbone", {"image": to_chw(image, 0.0, 255.0)})
+        text_features, text_mask = self.encode_texts(texts)
+        step_invariant = {**{level: features[level] for level in FPN_LEVELS},
+                          "text_features": text_features, "text_mask": text_mask,
+                          "image_size": np.array([[height, width]], dtype=np.float32)}
+
+        # -- the loop: the head is the only per-step call ------------------------------------------
+        def denoise(boxes_xyxy: np.ndarray, t) -> tuple[np.ndarray, np.ndarray]:
+            outputs = self.backend.run("radm_head", {**step_invariant, "boxes": boxes_xyxy.astype(np.float32),
+                                                     "timestep": np.full(len(boxes_xyxy), t, dtype=np.float32)})
+            return outputs["class_logits"], outputs["pred_boxes"]
+
+        sampler = RADMSampler.from_config(self.config)
+        detections = sampler.sample(denoise, image_size=(height, width), steps=steps,
+                                    generator=stage_rng(seed, "layout"), progress=self.progress)
+        # -- epilogue: class names ------------------------------------------------------------------
+        return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), float(score))
+                for box, score, label in zip(detections.boxes, detections.scores, detections.labels)]
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One pooled feature per text line: ``text_features`` [1, lines, dim] and ``text_mask`` [1, lines].
+
+        Without texts the head still needs one line: a zero feature whose mask is 0, which the
+        attention ignores.
+        """
+        if not texts:
+            dim = self.backend.contract("radm_text_encoder").output("text_features").shape[1]
+            return np.zeros((1, 1, dim), dtype=np.float32), np.zeros((1, 1), dtype=np.float32)
+        ids, attention = encode_lines(self.tokenizer, texts)
+        features = self.backend.run("radm_text_encoder", {"input_ids": ids, "attention_mask": attention})["text_features"]
+        return features[None], np.ones((1, len(texts)), dtype=np.float32)
+
+
+class LayoutPipeline:
+    """RADM on a given background: the product image itself, fitted into the poster size."""
+
+    def __init__(self, backend: Backend, progress: bool = True):
+        self.layout = RADMLayout(backend, progress=progress)
+
+    def __call__(self, request: PosterRequest) -> PosterResult:
+        request.validate()
+        started = time.perf_counter()
+        background, _ = fit_to_canvas(request.product, None, request.size)
+        elements = self.layout(background, request.texts, request.seed, request.layout_steps)
+        layout_s = time.perf_counter() - started
+        unplaced = assign_texts(elements, request.texts)
+        poster = compose_poster(background, elements, request.logo)
+        return PosterResult(poster, elements, "layout", request, unplaced,
+                            {"layout": layout_s, "compose": time.perf_counter() - started - layout_s})

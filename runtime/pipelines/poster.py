@@ -1,0 +1,49 @@
+"""The default pipeline: paint a background around the product, lay out the texts on it with RADM,
+then draw them (networks.md, "The pipeline users run")."""
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from ..backends.base import Backend
+from ..compose import assign_texts, compose_poster
+from ..errors import InputError
+from ..images import fit_to_canvas
+from .background import BackgroundPipeline
+from .layout import RADMLayout
+from .request import PosterRequest, PosterResult
+
+STAGES = ("background", "layout", "compose")
+
+
+class PosterPipeline:
+    def __init__(self, backend: Backend, progress: bool = True):
+        self.progress = progress
+        self.background = BackgroundPipeline(backend, progress=progress)
+        self.layout = RADMLayout(backend, progress=progress)
+
+    def __call__(self, request: PosterRequest) -> PosterResult:
+        request.validate()
+        if request.product_mask is None:
+            raise InputError("product_mask: the poster pipeline paints around the product and needs its cutout; "
+                             "give a PNG with transparency or --mask")
+        timings = {}
+        with tqdm(total=len(STAGES), desc="poster", unit="stage", disable=not self.progress) as bar:
+            started = time.perf_counter()
+            canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
+            background = self.background.generate(canvas, mask, request)
+            timings["background"] = time.perf_counter() - started
+            bar.update()
+
+            started = time.perf_counter()
+            elements = self.layout(background, request.texts, request.seed, request.layout_steps)
+            timings["layout"] = time.perf_counter() - started
+            bar.update()
+
+            started = time.perf_counter()
+            unplaced = assign_texts(elements, request.texts)
+            poster = compose_poster(background, elements, request.logo)
+            timings["compose"] = time.perf_counter() - started
+            bar.update()
+        return PosterResult(poster, elements, "poster", request, unplaced, timings)

@@ -1,0 +1,152 @@
+"""Poster composition: which text goes in which box, fitting, contrast, underlays, logos, fonts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from posterrt.runtime import compose
+from posterrt.runtime.compose import (assign_texts, compose_poster, contrast_ratio, find_font, fit_text, is_cjk,
+                                      reading_order, relative_luminance, text_colour)
+from posterrt.runtime.pipelines.request import LayoutElement
+
+
+def _element(cls, box, score=0.9):
+    return LayoutElement(cls, tuple(float(v) for v in box), score)
+
+
+def _noise_background(seed=0, size=(256, 256)):
+    return np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+
+
+def test_reading_order_is_rows_then_left_to_right():
+    right_top = _element("text", (150, 10, 240, 40))
+    left_top = _element("text", (10, 14, 120, 44))  # same row as right_top: centres 4 px apart
+    middle = _element("text", (60, 100, 200, 130))
+    bottom = _element("text", (10, 200, 100, 230))
+    assert reading_order([bottom, middle, right_top, left_top]) == [left_top, right_top, middle, bottom]
+
+
+def test_texts_fill_the_largest_boxes_in_reading_order():
+    small_top = _element("text", (0, 0, 40, 10))  # smallest: dropped when there are more boxes than texts
+    big_bottom = _element("text", (0, 150, 200, 220))
+    mid_top = _element("text", (0, 20, 150, 60))
+    logo = _element("logo", (200, 0, 250, 50))
+    unplaced = assign_texts([small_top, big_bottom, mid_top, logo], ["Headline", "Subtitle"])
+    assert unplaced == []
+    assert mid_top.text == "Headline" and big_bottom.text == "Subtitle"
+    assert small_top.text is None and logo.text is None
+
+
+def test_texts_left_over_are_reported():
+    only = _element("text", (0, 0, 100, 30))
+    unplaced = assign_texts([only, _element("underlay", (0, 0, 100, 30))], ["one", "two", "three"])
+    assert only.text == "one" and unplaced == ["two", "three"]
+
+
+def test_fitted_font_fills_the_box_and_shrinks_for_longer_text():
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font_path = find_font(cjk=False)
+    box = (200, 60)
+    _, short_lines, short_size = fit_text("Sale", box, font_path, draw)
+    _, long_lines, long_size = fit_text("Summer sale: everything half price this week", box, font_path, draw)
+    assert long_size < short_size and len(long_lines) > 1
+    for text in ("Sale", "Summer sale: everything half price this week"):
+        font, lines, size = fit_text(text, box, font_path, draw)
+        left, top, right, bottom = compose.text_block(lines, font, size, draw)
+        assert right - left <= box[0] and bottom - top <= box[1]
+        # close to the largest size that fits, found by trying every size
+        fits = [candidate for candidate in range(compose.MIN_FONT_PX, box[1] + 1)
+                if _fits(text, candidate, box, font_path, draw)]
+        assert size >= 0.9 * max(fits)
+
+
+def _fits(text, size, box, font_path, draw):
+    font = compose.load_font(font_path, size)
+    lines = compose.wrap(text, font, box[0] - 2 * compose.stroke_width(size), draw)
+    left, top, right, bottom = compose.text_block(lines, font, size, draw)
+    return right - left <= box[0] and bottom - top <= box[1]
+
+
+def test_text_colour_contrasts_with_the_region():
+    dark = np.full((10, 10, 3), 20, np.uint8)
+    light = np.full((10, 10, 3), 235, np.uint8)
+    assert text_colour(dark)[0] == (255, 255, 255)
+    assert text_colour(light)[0] == (0, 0, 0)
+    for region in (dark, light, np.full((4, 4, 3), (200, 30, 40), np.uint8)):
+        fill, _ = text_colour(region)
+        # WCAG AA for large text asks for 3:1; black or white always reaches it against a flat colour
+        assert contrast_ratio(relative_luminance(region), relative_luminance(np.array(fill, np.uint8))) >= 3.0
+
+
+def test_composition_draws_only_inside_boxes():
+    background = _noise_background()
+    text_box = _element("text", (20, 20, 200, 70))
+    underlay = _element("underlay", (10, 150, 120, 200))
+    text_box.text = "Fresh juice"
+    out = compose_poster(background, [text_box, underlay])
+    changed = np.any(out != background, axis=2)
+    inside = np.zeros_like(changed)
+    for box in (text_box.box, underlay.box):
+        x1, y1, x2, y2 = (int(v) for v in box)
+        inside[y1:y2, x1:x2] = True
+    assert changed[inside].mean() > 0.05  # something was drawn
+    assert not changed[~inside].any()  # and nothing outside the boxes
+
+
+def test_underlay_evens_out_a_busy_background():
+    background = _noise_background(1)
+    box = (40, 40, 200, 120)
+    out = compose_poster(background, [_element("underlay", box)])
+    before = background[40:120, 40:200].astype(float).std()
+    after = out[40:120, 40:200].astype(float).std()
+    assert after < 0.5 * before
+
+
+def test_logo_is_pasted_into_logo_boxes_only_when_given():
+    background = np.full((128, 128, 3), 255, np.uint8)
+    logo = np.zeros((32, 64, 4), np.uint8)
+    logo[..., 0], logo[..., 3] = 200, 255  # opaque red, 2:1
+    element = _element("logo", (10, 10, 110, 110))
+    assert np.array_equal(compose_poster(background, [element]), background)
+    out = compose_poster(background, [element], logo=logo)
+    red = (out[..., 0] == 200) & (out[..., 1] == 0)
+    ys, xs = np.nonzero(red)
+    assert xs.min() >= 10 and xs.max() < 110 and ys.min() >= 10 and ys.max() < 110
+    assert xs.max() - xs.min() + 1 == 100  # scaled to the box width, aspect kept (height 50)
+    assert abs((ys.max() - ys.min() + 1) - 50) <= 1
+
+
+def test_cjk_text_is_detected_and_composed():
+    assert is_cjk("限时特惠") and is_cjk("Sale 五折") and not is_cjk("Summer sale 50%")
+    background = np.full((128, 256, 3), 240, np.uint8)
+    element = _element("text", (10, 10, 240, 100))
+    element.text = "限时特惠 买一送一"
+    out = compose_poster(background, [element])
+    assert (out != background).any()  # drawn with a CJK font when one is installed, else the fallback
+
+
+def test_font_search_finds_files_that_exist():
+    for cjk in (False, True):
+        path = find_font(cjk)
+        assert path is None or Image.open  # None means Pillow's built-in font is used
+        if path is not None:
+            from pathlib import Path
+
+            assert Path(path).is_file()
+
+
+def test_composition_is_deterministic():
+    background = _noise_background(2)
+    elements = [_element("underlay", (10, 10, 200, 90)), _element("text", (20, 20, 190, 80))]
+    assign_texts(elements, ["Same every time"])
+    assert np.array_equal(compose_poster(background, elements), compose_poster(background, elements))
+
+
+@pytest.mark.parametrize("box", [(0, 0, 1, 1), (-50, -50, -10, -10), (250, 250, 400, 400)])
+def test_degenerate_and_outside_boxes_are_skipped(box):
+    background = _noise_background(3)
+    element = _element("text", box)
+    element.text = "x"
+    out = compose_poster(background, [element])
+    assert out.shape == background.shape
