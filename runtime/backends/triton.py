@@ -1,0 +1,348 @@
+"""The Triton client backend: the same ``Backend.run`` as ONNX Runtime in-process, over HTTP or gRPC.
+
+``TritonBackend(bundle, "grpc://127.0.0.1:8001")`` or several servers, comma-separated or as a list
+(``"http://a:8000,http://b:8000"``). What the pipelines never see:
+
+* connections: tritonclient's HTTP client is not thread-safe (its docstring says so), so each
+  thread gets its own per server; the gRPC client is thread-safe (bar streaming, unused here), so
+  one per server is shared;
+* tensors travel as binary data; with ``shared_memory=True`` tensors of at least
+  ``shm_threshold_bytes`` go through system shared memory regions from a pool the backend owns
+  (servers on this host only);
+* requests are spread round robin over the servers. A server that cannot be reached (or is
+  shutting down) is marked down, the request goes to the next one, and the down server is used
+  again only after it passes a health check; when every server is down, the backend retries with
+  exponential backoff before giving up;
+* at connect, every model each server serves is checked against the bundle: tensor names,
+  datatypes and shapes against the contract, and the ONNX hash the repository recorded against
+  the bundle's manifest. A mismatch fails at once, naming the model and the tensor.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..contracts import ModelContract, _parse_symbol
+from ..errors import BackendError, ContractError, InputError
+from ..triton.model_config import ONNX_SHA256_PARAMETER, WIRE_DTYPES, from_wire, to_wire, triton_shape
+from .base import Backend
+
+SCHEMES = {"http": "tritonclient.http", "grpc": "tritonclient.grpc"}
+# Statuses / messages meaning "this server cannot take the request now": try another server.
+_RETRYABLE_STATUS = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.DEADLINE_EXCEEDED",
+                     "StatusCode.NOT_FOUND", "502", "503", "504"}
+_RETRYABLE_TEXT = ("unknown model", "no available versions", "is not ready", "server is stopping",
+                   "failed to obtain inference response")  # the last: tritonclient HTTP's timeout
+
+
+class ServerUnavailable(Exception):
+    """Internal: the request did not reach a working server; it is safe to send it elsewhere."""
+
+
+@dataclass(eq=False)
+class Server:
+    url: str  # as the user wrote it: grpc://host:port
+    scheme: str
+    address: str  # host:port, what tritonclient takes
+    module: object  # tritonclient.http or tritonclient.grpc
+    models: set = field(default_factory=set)  # models verified against the bundle
+    down_since: float | None = None
+
+
+def parse_urls(urls: str | Sequence[str]) -> list[tuple[str, str, str]]:
+    """``"http://a:8000,grpc://b:8001"`` -> [(url, scheme, "a:8000"), ...]."""
+    items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u and u.strip()]
+    if not items:
+        raise InputError("--backend: no Triton URL given; expected http://HOST:PORT or grpc://HOST:PORT")
+    parsed = []
+    for url in items:
+        scheme, sep, address = url.partition("://")
+        if not sep or scheme not in SCHEMES or not address or "/" in address.rstrip("/"):
+            raise InputError(f"--backend: {url!r} is not a Triton URL; expected http://HOST:PORT or grpc://HOST:PORT")
+        parsed.append((url, scheme, address.rstrip("/")))
+    return parsed
+
+
+def axis_sizes(contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, int]:
+    """Base sizes of the dynamic axes (``height`` from a ``height/8`` axis too), to size outputs."""
+    sizes = {}
+    for spec in contract.inputs:
+        for symbol, size in zip(spec.shape, inputs[spec.name].shape):
+            if isinstance(symbol, str):  # resolved contracts keep only dynamic axes symbolic
+                name, op, factor = _parse_symbol(symbol)
+                sizes[name] = size * factor if op == "/" else size // factor if op == "*" else size
+    return sizes
+
+
+def _output_shape(spec, sizes: dict[str, int]) -> tuple[int, ...] | None:
+    """An output's shape when the inputs fix it; None when the model decides (``memory_tokens``)."""
+    try:
+        return spec.concrete_shape(sizes)
+    except ContractError:
+        return None
+
+
+class TritonBackend(Backend):
+    def __init__(self, bundle: Bundle, urls: str | Sequence[str], *, models: Sequence[str] | None = None,
+                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.25, recheck_s: float = 1.0,
+                 shared_memory: bool = False, shm_threshold_bytes: int = 1 << 20, verify: bool = True):
+        super().__init__(bundle)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.recheck_s = recheck_s  # a down server is health-checked at most this often
+        self.shm_threshold_bytes = shm_threshold_bytes
+        self.servers = [Server(url, scheme, address, importlib.import_module(SCHEMES[scheme]))
+                        for url, scheme, address in parse_urls(urls)]
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._shared_clients: dict[int, object] = {}  # gRPC: one per server
+        self._all_clients: list = []
+        self._closed = False
+        self._shm = None
+        if shared_memory:
+            from ..triton.shm import SharedMemoryPool
+
+            self._shm = SharedMemoryPool()
+        if models is not None:
+            bundle.require(models)
+        self._connect(list(models) if models is not None else None, verify)
+
+    # -- connections ----------------------------------------------------------------------------
+    def _client(self, server: Server):
+        if server.scheme == "grpc":
+            with self._lock:
+                client = self._shared_clients.get(id(server))
+                if client is None:
+                    client = self._shared_clients[id(server)] = server.module.InferenceServerClient(server.address)
+                    self._all_clients.append(client)
+            return client
+        clients = self._local.__dict__.setdefault("clients", {})
+        client = clients.get(id(server))
+        if client is None:
+            client = server.module.InferenceServerClient(
+                server.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+            clients[id(server)] = client
+            with self._lock:
+                self._all_clients.append(client)
+        return client
+
+    def _drop_client(self, server: Server) -> None:
+        """After a connection error: the next call opens a fresh connection."""
+        if server.scheme == "http":
+            self._local.__dict__.get("clients", {}).pop(id(server), None)
+
+    def _metadata(self, server: Server, model: str) -> tuple[dict, dict]:
+        client = self._client(server)
+        if server.scheme == "grpc":
+            return (client.get_model_metadata(model, as_json=True),
+                    client.get_model_config(model, as_json=True)["config"])
+        return client.get_model_metadata(model), client.get_model_config(model)
+
+    def _ready_models(self, server: Server) -> set[str]:
+        client = self._client(server)
+        index = client.get_model_repository_index(as_json=True) if server.scheme == "grpc" else \
+            client.get_model_repository_index()
+        if isinstance(index, dict):
+            index = index.get("models", [])
+        return {m["name"] for m in index if m.get("state") == "READY"}
+
+    def _connect(self, models: list[str] | None, verify: bool) -> None:
+        for server in self.servers:
+            try:
+                ready = self._ready_models(server)
+            except Exception as error:
+                raise BackendError(f"Triton server {server.url} cannot be reached: {_describe(error)}") from None
+            wanted = models if models is not None else [m for m in self.bundle.models if m in ready]
+            missing = [m for m in wanted if m not in ready]
+            if missing:
+                raise BackendError(f"Triton server {server.url} does not serve {missing} (ready: {sorted(ready)}); "
+                                   f"build the repository with `posterrt repo build --bundle {self.bundle.root}`")
+            for model in wanted:
+                if verify:
+                    self._verify(server, model)
+                server.models.add(model)
+
+    def _verify(self, server: Server, model: str) -> None:
+        """The server's view of ``model`` must be the bundle's contract and weights."""
+        contract = self.contract(model)
+        metadata, config = self._metadata(server, model)
+        where = f"Triton server {server.url} model {model!r}"
+        for kind, specs in (("input", contract.inputs), ("output", contract.outputs)):
+            served = {t["name"]: t for t in metadata.get(kind + "s", [])}
+            if set(served) != {s.name for s in specs}:
+                raise BackendError(f"{where}: {kind}s are {sorted(served)}, the contract expects "
+                                   f"{sorted(s.name for s in specs)}; rebuild the repository from this bundle")
+            for spec in specs:
+                got = served[spec.name]
+                shape = [int(d) for d in got["shape"]]
+                if got["datatype"] != WIRE_DTYPES[spec.dtype] or shape != triton_shape(spec):
+                    raise BackendError(f"{where}: {kind} {spec.name!r} is {got['datatype']}{shape}, the contract "
+                                       f"expects {WIRE_DTYPES[spec.dtype]}{triton_shape(spec)}")
+        served_hash = config.get("parameters", {}).get(ONNX_SHA256_PARAMETER, {}).get("string_value")
+        expected_hash = self.bundle.models[model].sha256
+        if served_hash and served_hash != expected_hash:
+            raise BackendError(f"{where}: serves weights {served_hash[:12]}..., the bundle has {expected_hash[:12]}...; "
+                               f"the repository was built from another export")
+
+    # -- server choice ------------------------------------------------------------------------
+    def _mark_down(self, server: Server) -> None:
+        with self._lock:
+            server.down_since = time.monotonic()
+        self._drop_client(server)
+        if self._shm is not None:
+            self._shm.forget_server(server.url)
+
+    def _healthy(self, server: Server) -> bool:
+        """Up servers are used; a down one only once ``recheck_s`` passed and a health check passes."""
+        if server.down_since is None:
+            return True
+        if time.monotonic() - server.down_since < self.recheck_s:
+            return False
+        try:
+            ready = bool(self._client(server).is_server_ready())
+        except Exception:
+            ready = False
+        with self._lock:
+            server.down_since = None if ready else time.monotonic()
+        return ready
+
+    def _candidates(self, model: str) -> list[Server]:
+        serving = [s for s in self.servers if model in s.models]
+        if not serving:
+            raise BackendError(f"no Triton server among {[s.url for s in self.servers]} serves model {model!r}")
+        start = next(self._turn) % len(serving)
+        ordered = serving[start:] + serving[:start]
+        return [s for s in ordered if self._healthy(s)]
+
+    # -- inference ----------------------------------------------------------------------------
+    def _run(self, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise BackendError("the Triton backend is closed")
+        failures = []
+        for attempt in range(self.retries + 1):
+            for server in self._candidates(contract.name):
+                try:
+                    return self._infer(server, contract, inputs)
+                except ServerUnavailable as error:
+                    self._mark_down(server)
+                    failures.append(f"{server.url}: {error}")
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2 ** attempt)
+        last = failures[-1] if failures else "every server failed its health check"
+        raise BackendError(f"model {contract.name!r}: no Triton server answered after {self.retries + 1} rounds "
+                           f"over {[s.url for s in self.servers]}; last: {last}")
+
+    def _infer(self, server: Server, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module = server.module
+        client = self._client(server)
+        checked_out = []  # shared-memory regions of this request, returned to the pool at the end
+        try:
+            sizes = axis_sizes(contract, inputs) if self._shm is not None else {}
+            infer_inputs = []
+            for spec in contract.inputs:
+                array = to_wire(spec, np.ascontiguousarray(inputs[spec.name]))
+                item = module.InferInput(spec.name, list(array.shape), WIRE_DTYPES[spec.dtype])
+                if self._use_shm(array.nbytes):
+                    region = self._region(server, client, array.nbytes, checked_out)
+                    self._shm.write(region, array)
+                    item.set_shared_memory(region.name, array.nbytes)
+                elif server.scheme == "http":
+                    item.set_data_from_numpy(array, binary_data=True)
+                else:
+                    item.set_data_from_numpy(array)
+                infer_inputs.append(item)
+            requested, shm_outputs = [], {}
+            for spec in contract.outputs:
+                item = module.InferRequestedOutput(spec.name, binary_data=True) if server.scheme == "http" else \
+                    module.InferRequestedOutput(spec.name)
+                shape = _output_shape(spec, sizes) if self._shm is not None else None
+                nbytes = int(np.prod(shape)) * spec.np_dtype.itemsize if shape is not None else 0
+                if self._use_shm(nbytes):
+                    region = self._region(server, client, nbytes, checked_out)
+                    item.set_shared_memory(region.name, nbytes)
+                    shm_outputs[spec.name] = (region, shape)
+                requested.append(item)
+            result = self._call(server, client, contract.name, infer_inputs, requested)
+            outputs = {}
+            for spec in contract.outputs:
+                if spec.name in shm_outputs:
+                    region, shape = shm_outputs[spec.name]
+                    outputs[spec.name] = self._shm.read(region, spec.np_dtype, shape)
+                else:
+                    outputs[spec.name] = from_wire(spec, result.as_numpy(spec.name))
+            return outputs
+        finally:
+            for region in checked_out:
+                self._shm.release(region)
+
+    def _call(self, server: Server, client, model: str, infer_inputs, requested):
+        try:
+            if server.scheme == "grpc":
+                return client.infer(model, infer_inputs, outputs=requested, client_timeout=self.timeout_s)
+            return client.infer(model, infer_inputs, outputs=requested)
+        except Exception as error:
+            if _retryable(error):
+                raise ServerUnavailable(_describe(error)) from None
+            raise BackendError(f"Triton server {server.url} refused model {model!r} request: {_describe(error)}") from None
+
+    def _use_shm(self, nbytes: int) -> bool:
+        return self._shm is not None and nbytes >= self.shm_threshold_bytes
+
+    def _region(self, server: Server, client, nbytes: int, checked_out: list):
+        region = self._shm.acquire(nbytes)
+        checked_out.append(region)
+        try:
+            self._shm.ensure_registered(region, server.url, client)
+        except Exception as error:
+            if _retryable(error):
+                raise ServerUnavailable(_describe(error)) from None
+            raise BackendError(f"Triton server {server.url}: cannot register shared memory ({_describe(error)}); "
+                               f"shared memory needs the server on this host") from None
+        return region
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._shm is not None:
+            for server in self.servers:
+                for region in self._shm.regions_on(server.url):
+                    try:  # the server unmaps our regions before we unlink them
+                        self._client(server).unregister_system_shared_memory(region.name)
+                    except Exception:  # server gone: nothing registered any more
+                        break
+            self._shm.close()
+        with self._lock:
+            clients, self._all_clients = self._all_clients, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+
+def _retryable(error: Exception) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(error, InferenceServerException):
+        return True  # socket errors, timeouts, resets: the request never got a server's answer
+    status = str(error.status() or "")
+    text = (error.message() or "").lower()
+    return status in _RETRYABLE_STATUS or any(fragment in text for fragment in _RETRYABLE_TEXT)
+
+
+def _describe(error: Exception) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    text = (error.message() if isinstance(error, InferenceServerException) else None) or f"{type(error).__name__}: {error}"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

@@ -1,0 +1,73 @@
+"""`posterrt repo build`: a Triton model repository from a bundle (see model_repository/README.md)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import InputError
+from ..triton.model_config import FLAVORS, GPU_ACCELERATORS, TRT_PRECISIONS
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = sub.add_parser("build", help="write <out>/<model>/config.pbtxt and <out>/<model>/1/ for a bundle")
+    build.add_argument("--bundle", required=True, help="bundle folder written by `posterrt export`")
+    build.add_argument("--flavor", choices=FLAVORS, default="cpu",
+                       help="cpu: Python backend running ONNX Runtime (default); gpu-onnx: onnxruntime_onnx "
+                            "platform; gpu-trt: tensorrt_plan platform with plans from --engines")
+    build.add_argument("--out", default="model_repository", help="repository folder (default: model_repository)")
+    build.add_argument("--models", help="comma-separated models (default: every model of the bundle)")
+    build.add_argument("--engines", help="folder of TensorRT plans from `posterrt engines build` (gpu-trt)")
+    batching = build.add_mutually_exclusive_group()
+    batching.add_argument("--dynamic-batching", dest="dynamic_batching", action="store_true", default=None,
+                          help="force dynamic batching on for every model (default: on for step and prologue models)")
+    batching.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
+                          help="force dynamic batching off for every model")
+    build.add_argument("--queue-delay-us", type=int, help="max_queue_delay_microseconds (default: 500 step, 1000 prologue)")
+    build.add_argument("--preferred-batch-sizes", type=_int_list, default=(), help="e.g. 2,4 (default: none)")
+    build.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
+    build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime threads per instance (default 1)")
+    build.add_argument("--inter-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime inter-op threads (default 1)")
+    build.add_argument("--accelerator", choices=GPU_ACCELERATORS, default="tensorrt",
+                       help="gpu-onnx: TensorRT execution provider (default) or CUDA only")
+    build.add_argument("--precision", choices=[p.lower() for p in TRT_PRECISIONS], default="fp16",
+                       help="gpu-onnx with TensorRT: precision_mode (default fp16)")
+    build.add_argument("--client-bundle", help="also write the client's half of the bundle (manifest + tokenizers) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bundle import Bundle
+    from ..triton.model_config import ServingOptions
+    from ..triton.repository import build_repository, write_client_bundle
+
+    if args.engines and args.flavor != "gpu-trt":
+        raise InputError(f"--engines: only the gpu-trt flavor uses TensorRT plans, got --flavor {args.flavor}")
+    bundle = Bundle(args.bundle)
+    models = None
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in models if m not in bundle.models]
+        if unknown:
+            raise InputError(f"--models: {unknown} are not in bundle {bundle.root}; it has {', '.join(bundle.models)}")
+    options = ServingOptions(
+        flavor=args.flavor, dynamic_batching=args.dynamic_batching, max_queue_delay_us=args.queue_delay_us,
+        preferred_batch_sizes=args.preferred_batch_sizes, instances=args.instances,
+        intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
+        gpu_accelerator=args.accelerator, trt_precision=args.precision)
+    report = build_repository(bundle, args.out, options, models=models, engines=args.engines)
+    for model in report.models:
+        print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}")
+        if model.note:
+            print(f"  {model.note}", file=sys.stderr)
+    if args.client_bundle:
+        print(f"client bundle: {write_client_bundle(bundle, args.client_bundle)}")
+    print(f"repository {report.root} ({report.flavor}): {len(report.models)} models; "
+          f"serve it with `posterrt serve --repo {report.root}`")
+    return 1 if report.missing_plans else 0

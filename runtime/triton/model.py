@@ -1,0 +1,161 @@
+"""Generic Triton Python-backend model: one ONNX file run by ONNX Runtime (the repository's cpu flavor).
+
+``posterrt repo build`` copies this same file into every ``<model>/1/`` beside ``model.onnx`` and
+``contract.json`` (the model's resolved I/O contract); nothing in it is specific to one model.
+
+* ``initialize`` opens the ONNX Runtime session once, with the thread counts from the config's
+  parameters (``intra_op_thread_count`` / ``inter_op_thread_count``, the ONNX Runtime backend's keys).
+* ``execute`` validates every request on its own: a bad one (shape, dtype, NaN, out of range) gets a
+  ``TritonError`` on its own response, the others are served. Requests Triton batched together
+  and with the same non-batch shapes run as ONE ONNX Runtime call: inputs concatenated along the
+  batch axis, outputs split back.
+
+Validation uses ``posterrt.runtime.contracts.validate_inputs`` when posterrt (same contract
+version) is importable in the stub's Python; otherwise ``check_inputs`` below does the same checks
+from ``contract.json`` with numpy alone, so the repository also runs in a stock Triton container.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (unit tests inject a stand-in)
+    pb_utils = None
+
+CONTRACT_FILE = "contract.json"
+
+
+class RequestError(Exception):
+    """A request does not satisfy the contract; answered on that request only."""
+
+
+def check_inputs(document: dict, inputs: dict) -> None:
+    """The checks of ``posterrt.runtime.contracts.validate_inputs``, from ``contract.json`` alone."""
+    model = document["model"]
+    names = [spec["name"] for spec in document["inputs"]]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise RequestError(f"model {model!r}: missing inputs {missing}")
+    seen: dict[str, int] = {}
+    for spec in document["inputs"]:
+        array, where = inputs[spec["name"]], f"model {model!r} input {spec['name']!r}"
+        if array.dtype != np.dtype(spec["dtype"]):
+            raise RequestError(f"{where}: expected dtype {spec['dtype']}, got {array.dtype}")
+        if array.ndim != len(spec["shape"]):
+            raise RequestError(f"{where}: expected rank {len(spec['shape'])} {spec['shape']}, got shape {array.shape}")
+        for axis, (symbol, size) in enumerate(zip(spec["shape"], array.shape)):
+            if isinstance(symbol, int):
+                if size != symbol:
+                    raise RequestError(f"{where}: axis {axis} must be {symbol}, got {size} (shape {array.shape})")
+                continue
+            low, high, multiple = document["ranges"][symbol]
+            if symbol in seen and seen[symbol] != size:
+                raise RequestError(f"{where}: axis {axis} ({symbol}) is {size}, but another input has {symbol}={seen[symbol]}")
+            if not low <= size <= high or size % multiple:
+                raise RequestError(f"{where}: axis {axis} ({symbol}) must be in {low}..{high}"
+                                   + (f", a multiple of {multiple}" if multiple > 1 else "") + f", got {size}")
+            seen[symbol] = size
+        if not array.size:
+            continue
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise RequestError(f"{where}: contains NaN or Inf")
+        if spec.get("low") is not None and array.min() < spec["low"]:
+            raise RequestError(f"{where}: values must be >= {spec['low']}, got min {array.min()}")
+        high = spec.get("high")
+        if high is not None:
+            integer = array.dtype.kind in "iu"
+            if (array.max() >= high) if integer else (array.max() > high):
+                raise RequestError(f"{where}: values must be {'<' if integer else '<='} {high}, got max {array.max()}")
+
+
+def contract_validator(document: dict):
+    """``f(inputs)`` raising on a bad request: posterrt's own validation when it speaks this contract."""
+    try:
+        from posterrt.runtime.contracts import CONTRACT_VERSION, get_contract, validate_inputs
+    except ImportError:
+        CONTRACT_VERSION = None
+    if CONTRACT_VERSION != document["contract_version"]:
+        return lambda inputs: check_inputs(document, inputs)
+    contract = get_contract(document["model"]).resolve(document["static_dims"])
+    return lambda inputs: validate_inputs(contract, inputs)
+
+
+def batch_groups(items: list[tuple[int, dict]]) -> list[list[tuple[int, dict]]]:
+    """Requests whose inputs agree on every non-batch axis, in arrival order: one ORT call each."""
+    groups: dict[tuple, list] = {}
+    for index, inputs in items:
+        key = tuple((name, array.shape[1:]) for name, array in sorted(inputs.items()))
+        groups.setdefault(key, []).append((index, inputs))
+    return list(groups.values())
+
+
+def run_batched(session, output_names: list[str], group: list[tuple[int, dict]]) -> list[dict]:
+    """One ONNX Runtime call for the whole group; each request gets its slice of every output."""
+    if len(group) == 1:
+        return [dict(zip(output_names, session.run(output_names, group[0][1])))]
+    names = list(group[0][1])
+    sizes = [inputs[names[0]].shape[0] for _, inputs in group]
+    batched = {name: np.concatenate([inputs[name] for _, inputs in group], axis=0) for name in names}
+    outputs = session.run(output_names, batched)
+    cuts = np.cumsum(sizes)[:-1]
+    pieces = [np.split(array, cuts, axis=0) for array in outputs]
+    return [{name: np.ascontiguousarray(piece[i]) for name, piece in zip(output_names, pieces)}
+            for i in range(len(group))]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.document = json.loads((folder / CONTRACT_FILE).read_text())
+        self.input_names = [spec["name"] for spec in self.document["inputs"]]
+        self.output_names = [spec["name"] for spec in self.document["outputs"]]
+        self.validate = contract_validator(self.document)
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", 1))
+        options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", 1))
+        # idle pool threads must not spin: other models' stubs share the same cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        valid = []
+        for index, request in enumerate(requests):
+            try:
+                inputs = {}
+                for name in self.input_names:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is None:
+                        raise RequestError(f"model {self.document['model']!r}: missing input {name!r}")
+                    inputs[name] = tensor.as_numpy()
+                self.validate(inputs)
+                valid.append((index, inputs))
+            except Exception as error:  # the request is bad; the model and the other requests are fine
+                responses[index] = self._error(error)
+        for group in batch_groups(valid):
+            try:
+                results = run_batched(self.session, self.output_names, group)
+            except Exception as error:
+                for index, _ in group:
+                    responses[index] = self._error(error)
+                continue
+            for (index, _), outputs in zip(group, results):
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(name, outputs[name]) for name in self.output_names])
+        return responses
+
+    @staticmethod
+    def _error(error: Exception):
+        message = str(error) or type(error).__name__
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+    def finalize(self):
+        self.session = None

@@ -1,0 +1,208 @@
+"""A served model's contract as a Triton model configuration (``config.pbtxt``).
+
+Built as Triton's own protobuf message (``tritonclient.grpc.model_config_pb2``) and printed with
+``text_format``, so every config written is one Triton can parse. The same shape mapping is used by
+the client (``triton_shape``, ``to_wire``) so what the repository declares and what the client sends
+cannot drift apart.
+
+Shape mapping. Triton batches along a leading batch axis that the config leaves out of ``dims``
+(``max_batch_size`` > 0). The first axis of every contract tensor is its batch axis, so ``dims`` are
+the remaining axes: fixed and static sizes as numbers, dynamic ones as -1. A tensor that is only
+the batch axis (``timestep: [batch]``) has no dims left, which Triton does not allow; it is declared
+``dims: [1]`` with ``reshape: { shape: [] }``: clients send ``[batch, 1]``, the model sees ``[batch]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from ..contracts import DYNAMIC_DIMS, STEP, EPILOGUE, ModelContract, TensorSpec, dim_range, is_dynamic
+from ..errors import InputError
+
+FLAVORS = ("cpu", "gpu-onnx", "gpu-trt")
+GPU_ACCELERATORS = ("tensorrt", "cuda")
+TRT_PRECISIONS = ("FP16", "FP32")
+
+#: contract dtype -> Triton wire datatype (the config's enum is "TYPE_" + this)
+WIRE_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
+
+#: Parameter keys posterrt writes into every config. The ONNX hash lets a client check that the
+#: server serves the weights of the bundle it was given, not only tensors of the right shapes.
+ONNX_SHA256_PARAMETER = "posterrt_onnx_sha256"
+CONTRACT_VERSION_PARAMETER = "posterrt_contract_version"
+
+
+def max_batch_size(contract: ModelContract) -> int:
+    """Triton's ``max_batch_size``: the upper bound of the model's batch axis in the contracts."""
+    rng = dim_range(contract.batch_dim)
+    assert rng is not None, f"{contract.name}: the first axis {contract.batch_dim!r} must be dynamic"
+    return rng.max
+
+
+def config_dims(spec: TensorSpec) -> list[int]:
+    """``dims`` of a tensor in the config: the axes after the batch axis, -1 where dynamic."""
+    return [-1 if is_dynamic(symbol) else int(symbol) for symbol in spec.shape[1:]] or [1]
+
+
+def triton_shape(spec: TensorSpec) -> list[int]:
+    """The full shape Triton reports in model metadata and expects on the wire (-1 = any)."""
+    return [-1, *config_dims(spec)]
+
+
+def to_wire(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """A contract-shaped array as the client sends it (rank-1 ``[batch]`` becomes ``[batch, 1]``)."""
+    return array.reshape(-1, 1) if len(spec.shape) == 1 else array
+
+
+def from_wire(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1) if len(spec.shape) == 1 else array
+
+
+def _tensor(message, spec: TensorSpec) -> None:
+    message.name = spec.name
+    message.data_type = pb.DataType.Value("TYPE_" + WIRE_DTYPES[spec.dtype])
+    message.dims.extend(config_dims(spec))
+    if len(spec.shape) == 1:
+        message.reshape.SetInParent()  # an empty shape: the model sees [batch]
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    enabled: bool
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+def default_batching(contract: ModelContract) -> BatchingPolicy:
+    """Dynamic batching defaults, by the model's role.
+
+    * step models (radm_head, plannet_denoiser, the UNets) run many times per request: batching
+      concurrent requests is where serving throughput comes from. A 500 us queue delay is small
+      next to one step.
+    * prologue encoders run once per request; 1 ms waiting for a partner costs nothing visible.
+    * the epilogue (vae_decoder) is off: full-size images, memory grows with the batch and the
+      GPU is already busy at batch 1.
+    No preferred sizes: Triton then forms the largest batch the queue allows, which its docs advise
+    unless a measurement shows some sizes are much faster (then pass --preferred-batch-sizes).
+    """
+    if contract.role == EPILOGUE:
+        return BatchingPolicy(False)
+    return BatchingPolicy(True, 500 if contract.role == STEP else 1000)
+
+
+@dataclass
+class ServingOptions:
+    """Everything ``posterrt repo build`` lets a user choose, with the defaults it documents."""
+
+    flavor: str = "cpu"
+    #: None: per-role defaults (default_batching); True/False force it on/off for every model
+    dynamic_batching: bool | None = None
+    max_queue_delay_us: int | None = None  # overrides the per-role delay
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int = 1
+    #: ONNX Runtime threads per model instance on the cpu flavor. 1: Triton already runs the
+    #: models' instances side by side (one stub process each); more threads per model would
+    #: oversubscribe a small machine as soon as two models are busy.
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    gpu_accelerator: str = "tensorrt"  # gpu-onnx: "tensorrt" (TensorRT EP, CUDA fallback) or "cuda"
+    trt_precision: str = "FP16"
+    trt_workspace_bytes: int = 4 << 30
+    trt_engine_cache_dir: str | None = "/tmp/posterrt-trt-cache"
+    extra_parameters: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.flavor not in FLAVORS:
+            raise InputError(f"--flavor: unknown flavor {self.flavor!r}; expected one of {', '.join(FLAVORS)}")
+        if self.gpu_accelerator not in GPU_ACCELERATORS:
+            raise InputError(f"--accelerator: {self.gpu_accelerator!r} is not one of {', '.join(GPU_ACCELERATORS)}")
+        self.trt_precision = self.trt_precision.upper()
+        if self.trt_precision not in TRT_PRECISIONS:
+            raise InputError(f"--precision: {self.trt_precision!r} is not one of {', '.join(TRT_PRECISIONS)}")
+        for name in ("instances", "intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
+            raise InputError(f"--queue-delay-us: must be >= 0, got {self.max_queue_delay_us}")
+
+    def batching(self, contract: ModelContract) -> BatchingPolicy:
+        policy = default_batching(contract)
+        enabled = policy.enabled if self.dynamic_batching is None else self.dynamic_batching
+        delay = policy.max_queue_delay_us if self.max_queue_delay_us is None else self.max_queue_delay_us
+        limit = max_batch_size(contract)
+        bad = [size for size in self.preferred_batch_sizes if not 1 <= size <= limit]
+        if bad and enabled:
+            raise InputError(f"--preferred-batch-sizes: {bad} outside 1..{limit} (max batch of {contract.name})")
+        return BatchingPolicy(enabled, delay, tuple(self.preferred_batch_sizes))
+
+
+def profile_shapes(contract: ModelContract, kind: str) -> str:
+    """TensorRT EP profile string ``name:AxBxC,...`` at the contracts' min/opt/max sizes."""
+    sizes = {name: getattr(rng, kind) for name, rng in DYNAMIC_DIMS.items()}
+    return ",".join(f"{spec.name}:" + "x".join(str(d) for d in spec.concrete_shape(sizes)) for spec in contract.inputs)
+
+
+def build_model_config(contract: ModelContract, options: ServingOptions, parameters: dict | None = None) -> pb.ModelConfig:
+    """The Triton config of one resolved contract for ``options.flavor``."""
+    config = pb.ModelConfig(name=contract.name, max_batch_size=max_batch_size(contract))
+    for spec in contract.inputs:
+        _tensor(config.input.add(), spec)
+    for spec in contract.outputs:
+        _tensor(config.output.add(), spec)
+
+    policy = options.batching(contract)
+    if policy.enabled:
+        config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(policy.preferred_batch_sizes)
+
+    gpu = options.flavor != "cpu"
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU,
+                              count=options.instances)
+    params = dict(options.extra_parameters)
+    if options.flavor == "cpu":
+        config.backend = "python"
+        # same keys as Triton's ONNX Runtime backend, read by our generic model.py
+        params.update(intra_op_thread_count=str(options.intra_op_threads),
+                      inter_op_thread_count=str(options.inter_op_threads))
+    elif options.flavor == "gpu-onnx":
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+        _gpu_accelerator(config, contract, options)
+    else:
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
+    params.update(parameters or {})
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
+def _gpu_accelerator(config: pb.ModelConfig, contract: ModelContract, options: ServingOptions) -> None:
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name=options.gpu_accelerator)
+    if options.gpu_accelerator == "cuda":
+        return
+    settings = {
+        "precision_mode": options.trt_precision,
+        "max_workspace_size_bytes": str(options.trt_workspace_bytes),
+        # explicit profiles from the contracts' ranges: otherwise the EP rebuilds an engine each
+        # time a request brings a shape outside the ones it has seen
+        "trt_profile_min_shapes": profile_shapes(contract, "min"),
+        "trt_profile_opt_shapes": profile_shapes(contract, "opt"),
+        "trt_profile_max_shapes": profile_shapes(contract, "max"),
+    }
+    if options.trt_engine_cache_dir:
+        settings.update(trt_engine_cache_enable="1",
+                        trt_engine_cache_path=f"{options.trt_engine_cache_dir.rstrip('/')}/{contract.name}")
+    for key, value in settings.items():
+        accelerator.parameters[key] = value
+
+
+def to_pbtxt(config: pb.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_pbtxt(text: str) -> pb.ModelConfig:
+    return text_format.Parse(text, pb.ModelConfig())

@@ -1,0 +1,168 @@
+"""Write a Triton model repository for a bundle: ``<model>/config.pbtxt`` and ``<model>/1/...``.
+
+Flavors (``model_config.FLAVORS``):
+
+* ``cpu``: ``backend: "python"``; ``1/`` holds ``model.onnx``, the generic ``model.py`` and
+  ``contract.json``. Runs with the ``tritonserver`` of the nvidia-pytriton wheel.
+* ``gpu-onnx``: ``platform: "onnxruntime_onnx"``; ``1/model.onnx`` (plus external data), TensorRT
+  or CUDA execution accelerator.
+* ``gpu-trt``: ``platform: "tensorrt_plan"``; ``1/model.plan`` taken from ``--engines``.
+
+The client side does not live here: a client is handed the bundle folder itself (manifest and
+tokenizers; the ONNX files are not needed to talk to Triton), see ``write_client_bundle``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..bundle import MANIFEST, Bundle, confined_path
+from ..contracts import CONTRACT_VERSION, ModelContract, dim_range, is_dynamic
+from ..errors import BundleError, InputError
+from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, ServingOptions,
+                           build_model_config, to_pbtxt)
+
+MODEL_TEMPLATE = Path(__file__).with_name("model.py")
+CONTRACT_FILE = "contract.json"
+VERSION = "1"
+
+
+@dataclass
+class ModelReport:
+    name: str
+    folder: Path
+    ready: bool  # False when a gpu-trt plan is missing
+    note: str = ""
+
+
+@dataclass
+class RepositoryReport:
+    root: Path
+    flavor: str
+    models: list[ModelReport] = field(default_factory=list)
+
+    @property
+    def missing_plans(self) -> list[str]:
+        return [m.name for m in self.models if not m.ready]
+
+
+def contract_document(contract: ModelContract, static_dims: dict) -> dict:
+    """The resolved contract as JSON for the generic model.py (numpy-only validation fallback)."""
+    def tensor(spec):
+        return {"name": spec.name, "dtype": spec.dtype, "low": spec.low, "high": spec.high,
+                "shape": [symbol if is_dynamic(symbol) else int(symbol) for symbol in spec.shape]}
+
+    ranges = {}
+    for spec in contract.inputs + contract.outputs:
+        for symbol in spec.shape:
+            rng = dim_range(symbol)
+            if rng is not None:
+                ranges[symbol] = [rng.min, rng.max, rng.multiple_of]
+    return {"model": contract.name, "contract_version": CONTRACT_VERSION, "static_dims": dict(static_dims),
+            "inputs": [tensor(s) for s in contract.inputs], "outputs": [tensor(s) for s in contract.outputs],
+            "ranges": ranges}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hardlink (no extra disk for paper-size weights); copy across filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def find_plan(engines: Path, model: str) -> Path | None:
+    """The engine of ``model`` in an engines folder: ``<model>.plan`` (or ``<model>/model.plan``)."""
+    for candidate in (engines / f"{model}.plan", engines / model / "model.plan"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOptions, engines: Path | None) -> ModelReport:
+    entry = bundle.models[name]
+    contract = bundle.contract(name)
+    parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION}
+    config = build_model_config(contract, options, parameters)
+    version = folder / VERSION
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(config))
+    if options.flavor in ("cpu", "gpu-onnx"):
+        onnx_path = bundle.model_path(name)  # checks the manifest hash before serving the file
+        _link_or_copy(onnx_path, version / "model.onnx")
+        # external data keeps its file name: model.onnx refers to it by that name
+        for data_file in entry.data_files:
+            source = confined_path(bundle.root, data_file, f"bundle model {name!r}")
+            _link_or_copy(source, version / source.name)
+        if options.flavor == "cpu":
+            shutil.copyfile(MODEL_TEMPLATE, version / "model.py")
+            document = contract_document(contract, entry.static_dims)
+            (version / CONTRACT_FILE).write_text(json.dumps(document, indent=2))
+        return ModelReport(name, folder, True)
+    plan = find_plan(engines, name) if engines else None
+    if plan is None:
+        where = f"in {engines}" if engines else "(no --engines folder given)"
+        return ModelReport(name, folder, False, f"no TensorRT plan for {name} {where}; build it with "
+                                                f"`posterrt engines build` and copy it to {version / 'model.plan'}")
+    _link_or_copy(plan, version / "model.plan")
+    return ModelReport(name, folder, True)
+
+
+def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike, options: ServingOptions | None = None,
+                     models: list[str] | None = None, engines: str | os.PathLike | None = None) -> RepositoryReport:
+    """Write (or replace) the folders of ``models`` (default: every model of the bundle) under ``out``.
+
+    Each model is staged beside its final folder and swapped in whole, so a server polling the
+    repository never sees half a model. Other folders under ``out`` are left alone.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    options = options or ServingOptions()
+    names = list(bundle.models) if models is None else list(models)
+    if not names:
+        raise BundleError(f"bundle {bundle.root} has no models to serve")
+    bundle.require(names)
+    engines = Path(engines) if engines else None
+    if engines is not None and not engines.is_dir():
+        raise InputError(f"--engines: folder {engines} does not exist; build engines with `posterrt engines build`")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    report = RepositoryReport(root, options.flavor)
+    for name in names:
+        final = root / name
+        staging = root / f".{name}.staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            model_report = _write_model(bundle, name, staging, options, engines)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        model_report.folder = final
+        report.models.append(model_report)
+    return report
+
+
+def write_client_bundle(bundle: Bundle | str | os.PathLike, out: str | os.PathLike) -> Path:
+    """What a client of Triton needs from a bundle: the manifest and its assets (tokenizers, ...).
+
+    ``Bundle`` reads such a folder like a full bundle; only ``Bundle.model_path`` (the in-process
+    ONNX Runtime backend) needs the ONNX files, which stay on the server.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, relative in bundle.manifest.get("assets", {}).items():
+        source = confined_path(bundle.root, relative, f"bundle asset {key!r}")
+        target = confined_path(out, relative, f"client bundle asset {key!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copy2(source, target)
+        else:
+            raise BundleError(f"bundle {bundle.root}: asset {key!r} ({relative}) is missing")
+    shutil.copy2(bundle.root / MANIFEST, out / MANIFEST)
+    return out
