@@ -445,3 +445,70 @@ def test_every_metric_is_documented():
     text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text(encoding="utf-8")
     for name in METRICS:
         assert f"`{name}`" in text, name
+
+
+# ---------------------------------------------------------------- vectorized code against plain loops
+
+def random_layout(rng, width=64, height=48, count=7):
+    classes = ["logo", "text", "underlay", "embellishment"]
+    elements = []
+    for _ in range(count):
+        x1, y1 = rng.integers(-4, width), rng.integers(-4, height)
+        elements.append((classes[rng.integers(4)], (int(x1), int(y1), int(x1 + rng.integers(0, 30)),
+                                                    int(y1 + rng.integers(0, 20)))))
+    return make_layout(width, height, elements)
+
+
+def test_vectorized_metrics_match_loops_over_the_definitions():
+    # The loops below restate the definitions element by element (as the papers' scripts do), on
+    # random integer layouts, including zero-area and out-of-canvas boxes.
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        layout = random_layout(rng)
+        gray = rng.uniform(0, 255, size=(layout.height, layout.width))
+        items = [(c, [float(v) for v in b]) for c, b in zip(layout.classes, layout.boxes)]
+
+        def inter(a, b):
+            return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+        def area(a):
+            return (a[2] - a[0]) * (a[3] - a[1])
+
+        # RADM R_ove
+        ratios = [inter(a, b) / area(a) for i, (ca, a) in enumerate(items) for j, (cb, b) in enumerate(items)
+                  if i != j and ca not in ("underlay", "embellishment") and cb not in ("underlay", "embellishment")
+                  and area(a) > 0]
+        tally = radm.overlap(layout)
+        assert tally.count == len(ratios) and tally.total == pytest.approx(sum(ratios))
+        # RADM alignment: per element, the smallest anchor gap over the others
+        if len(items) >= 2:
+            scores = []
+            for i, (_, a) in enumerate(items):
+                dx = min(min(abs(a[0] - b[0]), abs((a[0] + a[2]) / 2 - (b[0] + b[2]) / 2), abs(a[2] - b[2]))
+                         for j, (_, b) in enumerate(items) if j != i)
+                dy = min(min(abs(a[1] - b[1]), abs((a[1] + a[3]) / 2 - (b[1] + b[3]) / 2), abs(a[3] - b[3]))
+                         for j, (_, b) in enumerate(items) if j != i)
+                gap = min(dx / layout.width, dy / layout.height, 1 - 1e-6)
+                scores.append(-math.log(1 - gap))
+            assert value(radm.alignment(layout)) == pytest.approx(sum(scores) / len(scores))
+        # RADM R_com: crop each text box, Sobel inside the crop only
+        means = []
+        for name, b in items:
+            if name != "text":
+                continue
+            x0, y0 = max(int(b[0]), 0), max(int(b[1]), 0)
+            x1, y1 = min(int(b[2]), layout.width), min(int(b[3]), layout.height)
+            crop = gray[y0:y1, x0:x1] if x1 > x0 and y1 > y0 else np.zeros((0, 0))
+            if crop.shape[0] >= 3 and crop.shape[1] >= 3:
+                means.append(gradient_magnitude(crop, "valid").mean())
+        tally = radm.readability(layout, gray)
+        assert tally.count == len(means) and tally.total == pytest.approx(sum(means))
+        # PosterLayout utility on a random saliency map, with the coverage drawn box by box
+        salient = rng.uniform(0, 1, size=(layout.height, layout.width))
+        valid = posterlayout.valid_elements(layout)
+        covered = np.zeros_like(salient, dtype=bool)
+        for keep, (_, b) in zip(valid, items):
+            if keep:
+                covered[max(int(b[1]), 0):max(int(b[3]), 0), max(int(b[0]), 0):max(int(b[2]), 0)] = True
+        expected = ((1 - salient) * covered).sum() / (1 - salient).sum()
+        assert value(posterlayout.utility(layout, salient)) == pytest.approx(expected)
