@@ -15,6 +15,8 @@ from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .guidance import batch_for_guidance, combine_guidance, uses_guidance
+from .plannet import PlanNetSampler, PlanNetSamplerConfig, PlannedLayout
+from .radm import Detections, RadmBoxSampler, RadmSamplerConfig
 
 #: ``--scheduler`` names -> classes.
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -33,4 +35,5 @@ def get_scheduler(name: str, config: Mapping[str, Any] | None = None, **options)
 
 
 __all__ = ["Scheduler", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "SCHEDULERS", "get_scheduler", "batch_for_guidance", "combine_guidance", "uses_guidance"]
+           "SCHEDULERS", "get_scheduler", "batch_for_guidance", "combine_guidance", "uses_guidance",
+           "RadmBoxSampler", "RadmSamplerConfig", "Detections", "PlanNetSampler", "PlanNetSamplerConfig", "PlannedLayout"]

@@ -1,0 +1,187 @@
+"""PlanNet's sampler: absorbing-state (mask) discrete diffusion over layout tokens, LayoutDM-style.
+
+A layout is ``max_elements`` elements of 5 tokens (class, x, y, w, h); box attributes are bins
+0..K-1, the class is 0..len(class_names) where ``pad_class`` = len(class_names) means "no
+element", and ``mask_token`` = K is the absorbing state. The forward process masks each token
+independently with probability t/T (linear schedule), so sampling runs backwards from all-mask:
+
+    at level t: the denoiser predicts x0 logits for every token; each still-masked token draws its
+    x0 (or takes the argmax at temperature 0) and is revealed with probability 1 - t'/t, where t'
+    is the next level; revealed tokens never change again.
+
+That keeps the masked fraction at t/T in expectation at every level visited. ``steps`` < T visits
+the levels ``round(linspace(T, 0, steps + 1))`` (one model call each) with the same reveal rule, so
+a strided run is the same process observed at fewer levels. The denoiser's ``timestep`` is the
+level t (T at the all-mask start, 1 for the last call of a full run).
+
+Conditioning: ``fixed_tokens`` holds given tokens (the product's class, a known box) and
+``mask_token`` elsewhere; given tokens are in place from the start and never re-masked.
+
+The sampler knows nothing of backends: ``denoise(tokens, timestep) -> logits`` closes over the
+encoder's ``memory`` / ``memory_mask``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import BundleError, ContractError, InputError
+
+#: ``denoise(tokens [B, E, 5] int64, timestep [B] float32) -> logits [B, E, 5, K] float32``
+TokenDenoiser = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+ATTRIBUTES = ("class", "x", "y", "w", "h")
+
+
+@dataclass(frozen=True)
+class PlanNetSamplerConfig:
+    """``config["plannet"]`` of a bundle manifest, sampler part."""
+
+    class_names: tuple[str, ...]
+    num_bins: int = 128
+    num_timesteps: int = 100
+    max_elements: int = 25
+
+    @property
+    def pad_class(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def mask_token(self) -> int:
+        return self.num_bins
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_bins + 1
+
+    @classmethod
+    def from_bundle_config(cls, config: Mapping) -> "PlanNetSamplerConfig":
+        """From ``bundle.config["plannet"]``; the derived ids it records must agree with ours."""
+        names = config.get("class_names")
+        if not isinstance(names, (list, tuple)) or not names:
+            raise BundleError(f"bundle config plannet.class_names: got {names!r}, expected a non-empty list")
+        result = cls(tuple(names), **{k: config[k] for k in ("num_bins", "num_timesteps", "max_elements") if k in config})
+        for key in ("pad_class", "mask_token", "vocab_size"):
+            if key in config and config[key] != getattr(result, key):
+                raise BundleError(f"bundle config plannet.{key}: got {config[key]!r}, expected "
+                                  f"{getattr(result, key)} for {len(names)} classes and {result.num_bins} bins")
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        for key in ("num_bins", "num_timesteps", "max_elements"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise BundleError(f"bundle config plannet.{key}: got {value!r}, expected an integer >= 1")
+        if self.pad_class >= self.num_bins:
+            raise BundleError(f"bundle config plannet.num_bins: got {self.num_bins}, expected more than "
+                              f"{self.pad_class} so that every class and the pad class have a token")
+
+
+@dataclass
+class PlannedLayout:
+    """One canvas's layout: ``boxes`` [n, 4] pixel x1y1x2y2 (float32, clipped), ``labels`` [n] int64
+    indices into ``class_names``, ``tokens`` [E, 5] the raw sampled tokens."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def plannet_levels(num_timesteps: int, steps: int) -> np.ndarray:
+    """Levels visited: T down to 0 in ``steps`` strides (distinct ints, since the stride is >= 1)."""
+    return np.linspace(num_timesteps, 0, steps + 1).round().astype(np.int64)
+
+
+def dequantize_ltwh(bins: np.ndarray, num_bins: int) -> np.ndarray:
+    """Box bins (x, y, w, h) -> normalized (left, top, width, height) in [0, 1], bin centres.
+
+    The one place that fixes what a box token means: change it here if PlanNet's quantizer does.
+    """
+    return (bins.astype(np.float32) + 0.5) / num_bins
+
+
+def tokens_to_layout(tokens: np.ndarray, config: PlanNetSamplerConfig, canvas_size) -> PlannedLayout:
+    """One canvas's tokens [E, 5] -> its elements; pad-class (and any unresolved) elements dropped."""
+    classes, bins = tokens[:, 0], tokens[:, 1:]
+    real = (classes < config.pad_class) & (tokens != config.mask_token).all(axis=1)
+    left, top, width, height = np.moveaxis(dequantize_ltwh(bins[real], config.num_bins), -1, 0)
+    canvas_h, canvas_w = float(canvas_size[0]), float(canvas_size[1])
+    boxes = np.stack([left * canvas_w, top * canvas_h, (left + width) * canvas_w, (top + height) * canvas_h], axis=-1)
+    limits = np.array([canvas_w, canvas_h, canvas_w, canvas_h], dtype=np.float32)
+    return PlannedLayout(np.clip(boxes, 0, limits).astype(np.float32).reshape(-1, 4),
+                         classes[real].astype(np.int64), tokens.copy())
+
+
+class PlanNetSampler:
+    """Absorbing-state discrete diffusion sampler. One instance per bundle; ``sample`` is reentrant."""
+
+    def __init__(self, config: PlanNetSamplerConfig):
+        config.validate()
+        self.config = config
+
+    def blank_tokens(self, batch_size: int) -> np.ndarray:
+        """All-mask tokens [B, E, 5]: fill some in and pass them as ``fixed_tokens`` to condition."""
+        return np.full((batch_size, self.config.max_elements, 5), self.config.mask_token, dtype=np.int64)
+
+    def sample(self, denoise: TokenDenoiser, batch_size: int, generator: np.random.Generator,
+               steps: int | None = None, temperature: float = 1.0,
+               fixed_tokens: np.ndarray | None = None) -> np.ndarray:
+        """Sampled tokens [B, E, 5] (int64, no mask left). ``steps`` defaults to T (one call per level)."""
+        cfg = self.config
+        steps = cfg.num_timesteps if steps is None else steps
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= cfg.num_timesteps:
+            raise InputError(f"steps: got {steps!r}, expected an integer in 1..{cfg.num_timesteps}")
+        if not np.isfinite(temperature) or temperature < 0:
+            raise InputError(f"temperature: got {temperature!r}, expected a number >= 0 (0 = argmax)")
+        tokens = self.blank_tokens(batch_size) if fixed_tokens is None else self._checked_fixed(fixed_tokens, batch_size)
+
+        levels = plannet_levels(cfg.num_timesteps, steps)
+        for level, next_level in zip(levels[:-1], levels[1:]):
+            logits = denoise(tokens.copy(), np.full(batch_size, level, dtype=np.float32))
+            predicted = self._draw_x0(logits, temperature, generator)
+            masked = tokens == cfg.mask_token
+            # Reveal with probability 1 - t'/t: P(still masked at t') = (t/T)(t'/t) = t'/T.
+            reveal = generator.random(tokens.shape) >= next_level / level
+            tokens = np.where(masked & reveal, predicted, tokens)
+        assert not (tokens == cfg.mask_token).any(), "the last level (0) reveals every token"
+        return tokens
+
+    def decode(self, tokens: np.ndarray, canvas_sizes) -> list[PlannedLayout]:
+        """Tokens [B, E, 5] -> one layout per canvas of ``canvas_sizes`` [B, 2] (height, width) pixels."""
+        canvas_sizes = np.asarray(canvas_sizes, dtype=np.float32).reshape(-1, 2)
+        if len(canvas_sizes) != len(tokens):
+            raise InputError(f"canvas_sizes: got {len(canvas_sizes)} sizes for {len(tokens)} layouts")
+        return [tokens_to_layout(t, self.config, size) for t, size in zip(tokens, canvas_sizes)]
+
+    # ----------------------------------------------------------------------------------------
+    def _draw_x0(self, logits: np.ndarray, temperature: float, generator: np.random.Generator) -> np.ndarray:
+        cfg = self.config
+        expected = (None, cfg.max_elements, 5, cfg.num_bins)
+        if np.ndim(logits) != 4 or tuple(np.shape(logits)[1:]) != expected[1:]:
+            raise ContractError(f"plannet denoiser: returned logits of shape {np.shape(logits)}, expected "
+                                f"[batch, {cfg.max_elements}, 5, {cfg.num_bins}]")
+        logits = np.array(logits, dtype=np.float64)
+        logits[:, :, 0, cfg.pad_class + 1:] = -np.inf  # the class attribute has pad_class + 1 valid ids
+        if temperature == 0:
+            return logits.argmax(axis=-1)
+        # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T).
+        return (logits / temperature + generator.gumbel(size=logits.shape)).argmax(axis=-1)
+
+    def _checked_fixed(self, fixed_tokens: np.ndarray, batch_size: int) -> np.ndarray:
+        cfg = self.config
+        fixed = np.asarray(fixed_tokens)
+        if fixed.shape != (batch_size, cfg.max_elements, 5) or fixed.dtype.kind not in "iu":
+            raise InputError(f"fixed_tokens: got {fixed.dtype} {fixed.shape}, expected int64 "
+                             f"[{batch_size}, {cfg.max_elements}, 5] with mask_token={cfg.mask_token} where free")
+        given = fixed != cfg.mask_token
+        limits = np.array([cfg.pad_class + 1] + [cfg.num_bins] * 4)
+        if ((fixed < 0) | (given & (fixed >= limits))).any():
+            raise InputError(f"fixed_tokens: values must be class ids 0..{cfg.pad_class} and box bins "
+                             f"0..{cfg.num_bins - 1} (or mask_token={cfg.mask_token}), got {fixed.min()}..{fixed.max()}")
+        return fixed.astype(np.int64)
