@@ -76,13 +76,15 @@ def union_mask(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     Built from a 2-D difference array (+1/-1 at the corners, then cumulative sums), so the cost is
     one pass over the canvas whatever the number of boxes."""
     spans = pixel_spans(boxes, width, height)
-    counts = np.zeros((height + 1, width + 1), dtype=np.int64)
+    counts = np.zeros((height + 1, width + 1), dtype=np.int32)  # int32 sums run twice as fast
     x0, y0, x1, y1 = spans.T
     np.add.at(counts, (y0, x0), 1)
     np.add.at(counts, (y0, x1), -1)
     np.add.at(counts, (y1, x0), -1)
     np.add.at(counts, (y1, x1), 1)
-    return counts.cumsum(axis=0).cumsum(axis=1)[:height, :width] > 0
+    np.cumsum(counts, axis=0, out=counts)
+    np.cumsum(counts, axis=1, out=counts)
+    return counts[:height, :width] > 0
 
 
 def integral_image(values: np.ndarray) -> np.ndarray:

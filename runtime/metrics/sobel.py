@@ -40,6 +40,9 @@ def sobel(gray: np.ndarray, border: str = "valid") -> tuple[np.ndarray, np.ndarr
 
 
 def gradient_magnitude(gray: np.ndarray, border: str = "valid") -> np.ndarray:
-    """sqrt(gx^2 + gy^2)."""
+    """sqrt(gx^2 + gy^2). (np.hypot guards overflow we cannot have here, at several times the cost.)"""
     gx, gy = sobel(gray, border)
-    return np.hypot(gx, gy)
+    gx *= gx
+    gy *= gy
+    gx += gy
+    return np.sqrt(gx, out=gx)
