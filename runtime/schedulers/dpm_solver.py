@@ -47,7 +47,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         sigma = np.sqrt(1 - self.alphas_cumprod)
         self.lambdas = np.log(alpha) - np.log(sigma)
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # sigma/alpha, float32
-        self.sigmas = np.append(self.train_sigmas, np.float32(0))
+        self.sigmas: np.ndarray | None = None  # per run, from set_timesteps
         self._reset()
 
     def _reset(self):
