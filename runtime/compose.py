@@ -86,8 +86,12 @@ def load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont | ImageFont
     return ImageFont.load_default(size=size)
 
 
-def wrap(text: str, font, max_width: float, draw: ImageDraw.ImageDraw) -> list[str]:
-    """Greedy line breaking: between words, or between characters for CJK and for a word wider than the box."""
+def wrap(text: str, font, max_width: float, draw: ImageDraw.ImageDraw, break_words: bool = True) -> list[str] | None:
+    """Greedy line breaking between words (between characters for CJK, which has no spaces).
+
+    A word wider than the box is broken between characters when ``break_words``; otherwise the
+    text does not fit at this size and None is returned.
+    """
     units = list(text) if is_cjk(text) else text.split(" ")
     joiner = "" if is_cjk(text) else " "
     lines, current = [], ""
@@ -98,7 +102,11 @@ def wrap(text: str, font, max_width: float, draw: ImageDraw.ImageDraw) -> list[s
             continue
         if current:
             lines.append(current)
-        # a single unit wider than the box is broken by characters
+        if draw.textlength(unit, font=font) <= max_width:
+            current = unit
+            continue
+        if not break_words:
+            return None
         current = ""
         for ch in unit:
             if current and draw.textlength(current + ch, font=font) > max_width:
@@ -115,32 +123,39 @@ def fit_text(text: str, box_size: tuple[float, float], font_path: str | None, dr
     """A large font (and its wrapped lines) for which ``text`` fits ``(width, height)``, measured on
     the real glyph extents, outline included.
 
-    Binary search on the pixel size, since the block mostly grows with the size; a different line
-    break can make a slightly larger size fit again, so the sizes up to 25% above are tried too.
+    Words stay whole if any size allows it (a headline broken mid-word reads badly even when its
+    letters are larger); only a box too narrow for the longest word at the smallest size breaks
+    words. Binary search on the pixel size, since the block mostly grows with the size; a
+    different line break can make a slightly larger size fit again, so the sizes up to 25% above
+    the search's answer are tried too.
     """
     width, height = box_size
 
-    def attempt(size):
+    def attempt(size, break_words):
         font = load_font(font_path, size)
-        lines = wrap(text, font, width - 2 * stroke_width(size), draw)
+        lines = wrap(text, font, width - 2 * stroke_width(size), draw, break_words)
+        if lines is None:
+            return None
         left, top, right, bottom = text_block(lines, font, size, draw)
         return (font, lines, size) if right - left <= width and bottom - top <= height else None
 
-    best = None
-    low, high = MIN_FONT_PX, max(MIN_FONT_PX, int(height))
-    while low <= high:
-        size = (low + high) // 2
-        fitted = attempt(size)
-        if fitted:
-            best, low = fitted, size + 1
-        else:
-            high = size - 1
-    if best is None:  # the box is too small even for MIN_FONT_PX: draw at that size, clipped by the box
-        font = load_font(font_path, MIN_FONT_PX)
-        return font, wrap(text, font, width, draw), MIN_FONT_PX
-    for size in range(best[2] + 2, min(int(height), int(best[2] * 1.25)) + 1):
-        best = attempt(size) or best
-    return best
+    for break_words in (False, True):
+        best = None
+        low, high = MIN_FONT_PX, max(MIN_FONT_PX, int(height))
+        while low <= high:
+            size = (low + high) // 2
+            fitted = attempt(size, break_words)
+            if fitted:
+                best, low = fitted, size + 1
+            else:
+                high = size - 1
+        if best is not None:
+            for size in range(best[2] + 2, min(int(height), int(best[2] * 1.25)) + 1):
+                best = attempt(size, break_words) or best
+            return best
+    # the box is too small even for MIN_FONT_PX: draw at that size, clipped by the box
+    font = load_font(font_path, MIN_FONT_PX)
+    return font, wrap(text, font, width, draw), MIN_FONT_PX
 
 
 def stroke_width(size: int) -> int:

@@ -63,9 +63,22 @@ def test_fitted_font_fills_the_box_and_shrinks_for_longer_text():
 
 def _fits(text, size, box, font_path, draw):
     font = compose.load_font(font_path, size)
-    lines = compose.wrap(text, font, box[0] - 2 * compose.stroke_width(size), draw)
+    lines = compose.wrap(text, font, box[0] - 2 * compose.stroke_width(size), draw, break_words=False)
+    if lines is None:
+        return False
     left, top, right, bottom = compose.text_block(lines, font, size, draw)
     return right - left <= box[0] and bottom - top <= box[1]
+
+
+def test_words_stay_whole_when_any_size_allows_it():
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    words = "Fresh Orange Juice".split()
+    _, lines, _ = fit_text("Fresh Orange Juice", (120, 200), find_font(cjk=False), draw)  # tall, narrow box
+    assert len(lines) > 1 and all(word in words for line in lines for word in line.split())
+    assert " ".join(lines).split() == words
+    # a box too narrow for the longest word even at the smallest size breaks it
+    _, lines, size = fit_text("Supercalifragilistic", (30, 200), find_font(cjk=False), draw)
+    assert len(lines) > 1 and "".join(lines) == "Supercalifragilistic"
 
 
 def test_text_colour_contrasts_with_the_region():

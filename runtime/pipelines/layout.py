@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..compose import assign_texts, compose_poster
 from ..images import fit_to_canvas
-from ..schedulers.radm import RADMSampler
+from ..schedulers.radm import RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
 from .diffusion import family_config, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest, PosterResult
@@ -31,6 +32,7 @@ class RADMLayout:
         self.progress = progress
         self.config = family_config(backend, "radm")
         self.class_names = list(self.config["class_names"])
+        self.sampler = RadmBoxSampler(RadmSamplerConfig.from_bundle_config(self.config))
         self.tokenizer = load_tokenizer(backend.bundle, "radm_tokenizer", int(self.config["max_text_tokens"]),
                                         pad_id=self.config.get("text_pad_token_id"))
 
@@ -45,14 +47,15 @@ class RADMLayout:
                           "image_size": np.array([[height, width]], dtype=np.float32)}
 
         # -- the loop: the head is the only per-step call ------------------------------------------
-        def denoise(boxes_xyxy: np.ndarray, t) -> tuple[np.ndarray, np.ndarray]:
-            outputs = self.backend.run("radm_head", {**step_invariant, "boxes": boxes_xyxy.astype(np.float32),
-                                                     "timestep": np.full(len(boxes_xyxy), t, dtype=np.float32)})
+        calls = tqdm(desc="radm_head", unit="step", leave=False, disable=not self.progress)
+
+        def denoise(boxes: np.ndarray, timestep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            outputs = self.backend.run("radm_head", {**step_invariant, "boxes": boxes, "timestep": timestep})
+            calls.update()
             return outputs["class_logits"], outputs["pred_boxes"]
 
-        sampler = RADMSampler.from_config(self.config)
-        detections = sampler.sample(denoise, image_size=(height, width), steps=steps,
-                                    generator=stage_rng(seed, "layout"), progress=self.progress)
+        with calls:
+            detections, = self.sampler.sample(denoise, [[height, width]], stage_rng(seed, "layout"), steps=steps)
         # -- epilogue: class names ------------------------------------------------------------------
         return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), float(score))
                 for box, score, label in zip(detections.boxes, detections.scores, detections.labels)]

@@ -1,0 +1,75 @@
+"""PlanNet (arXiv 2312.08822): plan a whole poster's layout, product included, for a blank canvas.
+
+Prologue (once per request): the encoder turns the product image and the text lines into the
+denoiser's cross-attention memory. Loop: the discrete-diffusion sampler calls the denoiser once per
+level. Epilogue: tokens -> boxes in pixels with class names.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from ..backends.base import Backend
+from ..images import fit_to_canvas, resize_rgb
+from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
+from ..text import encode_lines, load_tokenizer
+from .diffusion import family_config, stage_rng, to_chw
+from .request import LayoutElement, PosterRequest
+
+MODELS = ("plannet_encoder", "plannet_denoiser")
+
+
+class PlanNetPlanner:
+    def __init__(self, backend: Backend, progress: bool = True):
+        backend.bundle.require(MODELS)
+        self.backend = backend
+        self.progress = progress
+        self.config = family_config(backend, "plannet")
+        self.class_names = list(self.config["class_names"])
+        self.sampler = PlanNetSampler(PlanNetSamplerConfig.from_bundle_config(self.config))
+        self.tokenizer = load_tokenizer(backend.bundle, "plannet_tokenizer", int(self.config["max_text_tokens"]))
+
+    def __call__(self, request: PosterRequest) -> list[LayoutElement]:
+        width, height = request.size
+        # -- prologue: once per request --------------------------------------------------------
+        memory = self.backend.run("plannet_encoder", {"image": self.product_pixels(request), **self.encode_texts(request.texts)})
+        # The product is always part of the plan: element 0 is fixed to the product class, and the
+        # sampler fills in its box and every other element.
+        fixed = self.sampler.blank_tokens(1)
+        if "product" in self.class_names:
+            fixed[0, 0, 0] = self.class_names.index("product")
+
+        # -- the loop: the denoiser is the only per-step call --------------------------------------
+        calls = tqdm(desc="plannet_denoiser", unit="step", leave=False, disable=not self.progress)
+
+        def denoise(tokens: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+            calls.update()
+            return self.backend.run("plannet_denoiser", {"tokens": tokens, "timestep": timestep, **memory})["logits"]
+
+        with calls:
+            tokens = self.sampler.sample(denoise, 1, stage_rng(request.seed, "plan"), steps=request.layout_steps,
+                                         fixed_tokens=fixed)
+        # -- epilogue: tokens -> boxes -----------------------------------------------------------
+        layout, = self.sampler.decode(tokens, [[height, width]])
+        # PlanNet gives no confidence: every planned element is kept, with score 1
+        return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), 1.0)
+                for box, label in zip(layout.boxes, layout.labels)]
+
+    def product_pixels(self, request: PosterRequest) -> np.ndarray:
+        """The product cutout on white, fitted into the encoder's square, RGB 0..1 [1, 3, S, S]."""
+        side = self.backend.contract("plannet_encoder").input("image").shape[2]
+        rgb = request.product
+        if request.product_mask is not None:
+            alpha = request.product_mask[..., None]
+            rgb = np.round(alpha * rgb + (1.0 - alpha) * 255.0).astype(np.uint8)
+        square, _ = fit_to_canvas(rgb, None, (max(rgb.shape[:2]),) * 2)
+        return to_chw(resize_rgb(square, (side, side)), 0.0, 1.0)
+
+    def encode_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """``text_ids`` int64 and ``text_mask`` float32, both [1, lines, tokens]. Without texts one
+        all-padding line, which the encoder masks out of the memory."""
+        lines = texts or [""]
+        ids, mask = encode_lines(self.tokenizer, lines)
+        if not texts:
+            mask[:] = 0
+        return {"text_ids": ids[None], "text_mask": mask[None].astype(np.float32)}
