@@ -1,0 +1,57 @@
+"""Helpers for the Triton tests: free ports, a bundle of the families that export today, servers."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from posterrt.runtime.triton.server import TritonServer
+
+#: Families whose tiny export has landed. RADM joins when its export is in; then the shared
+#: ``tiny_bundle`` fixture (all twelve models) replaces ``export_served_bundle``.
+LANDED_FAMILIES = ("plannet", "stable_diffusion", "rendernet")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's choice for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def export_served_bundle(out: Path, families=LANDED_FAMILIES) -> Path:
+    """The tiny preset of ``families`` through the real export code (parity-checked)."""
+    from posterrt.export.bundle_writer import export_bundle
+    from posterrt.export.registry import FAMILIES
+
+    models = [m for family in families for m in FAMILIES[family]]
+    export_bundle("tiny", models, out, progress=False)
+    return out
+
+
+class LogBuffer:
+    """Collects a server's log instead of printing it; shown by a failing test's assertion."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def start_server(repo: Path, **options) -> TritonServer:
+    """A started TritonServer on 127.0.0.1 and free ports; the caller stops it."""
+    http, grpc, metrics = free_ports(3)
+    options.setdefault("log", LogBuffer())
+    return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **options).start()
