@@ -1,0 +1,193 @@
+"""`posterrt generate` and `posterrt demo` through the real CLI entry point.
+
+Bad inputs: one line on stderr naming the argument, exit code 2, no traceback. Good inputs (on the
+tiny bundle of all twelve models): a PNG and a layout JSON, identical for the same seed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from posterrt.runtime.bundle import BUNDLE_FORMAT, MANIFEST
+from posterrt.runtime.cli import main
+from posterrt.runtime.contracts import CONTRACT_VERSION
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    rgba = np.zeros((96, 128, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[20:80, 70:110, 3] = 255  # the product: an opaque block right of centre
+    Image.fromarray(rgba, "RGBA").save(folder / "product.png")
+    Image.fromarray(rgba[..., :3]).save(folder / "opaque.jpg")
+    Image.fromarray(np.full((96, 128), 255, np.uint8)).save(folder / "mask.png")
+    Image.fromarray(np.full((50, 50), 255, np.uint8)).save(folder / "small_mask.png")
+    Image.fromarray(np.zeros((96, 128), np.uint8)).save(folder / "empty_mask.png")
+    (folder / "notes.png").write_text("this is not an image")
+    Image.new("L", (4097, 4096)).save(folder / "huge.png")  # 16.78 MP, one pixel column over the limit
+    # a bundle that has a manifest but no models, and one of another contract version
+    empty = folder / "empty_bundle"
+    empty.mkdir()
+    (empty / MANIFEST).write_text(json.dumps({"format": BUNDLE_FORMAT, "contract_version": CONTRACT_VERSION,
+                                              "preset": "tiny", "models": {}, "config": {}, "assets": {}}))
+    old = folder / "old_bundle"
+    old.mkdir()
+    (old / MANIFEST).write_text(json.dumps({"format": BUNDLE_FORMAT, "contract_version": CONTRACT_VERSION + 7,
+                                            "preset": "tiny", "models": {}}))
+    return folder
+
+
+def _generate(inputs, tmp_path, *extra, product="product.png", bundle="empty_bundle"):
+    argv = ["generate", "--product", str(inputs / product), "--text", "Fresh juice", "--quiet",
+            "--bundle", str(inputs / bundle), "--out", str(tmp_path / "poster.png"), *extra]
+    return main(argv)
+
+
+BAD_INPUTS = [
+    # (extra args, product file, expected words in the one-line message)
+    ([], "missing.png", ["--product", "does not exist"]),
+    ([], "notes.png", ["--product", "not an image"]),
+    ([], "huge.png", ["--product", "4097x4096", "16777216"]),
+    ([], "opaque.jpg", ["--product", "no alpha channel", "--mask"]),
+    (["--mask", "{inputs}/small_mask.png"], "product.png", ["--mask", "50x50", "128x96"]),
+    (["--mask", "{inputs}/empty_mask.png"], "product.png", ["--mask", "no product pixel"]),
+    (["--mask", "{inputs}/mask.png"], "product.png", ["--mask", "every pixel"]),
+    (["--text", "x"] * 20, "product.png", ["--text", "21 lines", "20"]),
+    (["--text", "   "], "product.png", ["--text", "line 2 is empty"]),
+    (["--steps", "0"], "product.png", ["--steps", "1..200"]),
+    (["--steps", "201"], "product.png", ["--steps", "1..200"]),
+    (["--steps", "many"], "product.png", ["--steps", "'many'"]),
+    (["--layout-steps", "-1"], "product.png", ["--layout-steps", "1..200"]),
+    (["--guidance", "0.5"], "product.png", ["--guidance", "1..30"]),
+    (["--guidance", "31"], "product.png", ["--guidance", "1..30"]),
+    (["--guidance", "nan"], "product.png", ["--guidance", "finite"]),
+    (["--seed", "-3"], "product.png", ["--seed"]),
+    (["--size", "512"], "product.png", ["--size", "WIDTHxHEIGHT"]),
+    (["--size", "500x512"], "product.png", ["--size", "multiple of 64"]),
+    (["--size", "2048x512"], "product.png", ["--size", "256..1024"]),
+    (["--size", "128x128"], "product.png", ["--size", "256..1024"]),
+    (["--scheduler", "plms"], "product.png", ["--scheduler", "ddim"]),
+    (["--category", " "], "product.png", ["--category"]),
+    (["--style", "{inputs}/notes.png"], "product.png", ["--style", "not an image"]),
+    (["--logo", "{inputs}/missing_logo.png"], "product.png", ["--logo", "does not exist"]),
+    (["--threads", "0"], "product.png", ["--threads"]),
+]
+
+
+@pytest.mark.parametrize("extra, product, words", BAD_INPUTS, ids=[" ".join(b[0][:2]) or b[1] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(inputs, tmp_path, capsys, extra, product, words):
+    extra = [arg.format(inputs=inputs) for arg in extra]
+    code = _generate(inputs, tmp_path, *extra, product=product)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not (tmp_path / "poster.png").exists()
+
+
+def test_layout_pipeline_does_not_need_a_cutout(inputs, tmp_path, capsys):
+    # an opaque JPEG is a fine background for RADM: the run gets past input checks to the bundle
+    code = _generate(inputs, tmp_path, "--pipeline", "layout", product="opaque.jpg")
+    err = capsys.readouterr().err
+    assert code == 2 and "lacks models" in err and "radm_backbone" in err
+
+
+@pytest.mark.parametrize("bundle, words", [("empty_bundle", ["lacks models", "posterrt export"]),
+                                           ("old_bundle", ["contract version", "export it again"]),
+                                           ("no_such_bundle", ["does not exist"])])
+def test_unusable_bundle_is_one_line_and_exit_2(inputs, tmp_path, capsys, bundle, words):
+    code = _generate(inputs, tmp_path, bundle=bundle)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err
+
+
+def test_out_must_be_a_png(inputs, tmp_path, capsys):
+    code = main(["generate", "--product", str(inputs / "product.png"), "--bundle", str(inputs / "empty_bundle"),
+                 "--out", str(tmp_path / "poster.jpg")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" in err and ".png" in err
+
+
+def test_demo_without_torch_and_without_bundle_says_what_to_do(tmp_path, capsys, monkeypatch):
+    # None in sys.modules makes the import fail as it does when torch is not installed
+    monkeypatch.setitem(sys.modules, "posterrt.export.bundle_writer", None)
+    code = main(["demo", "--bundle", str(tmp_path / "nothing"), "--out", str(tmp_path / "demo"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "posterrt[export]" in err and "--bundle" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs on the tiny bundle.
+# ---------------------------------------------------------------------------------------------
+def _require_families():
+    import importlib.util
+
+    from posterrt.export.registry import FAMILIES
+
+    missing = [f for f in FAMILIES if importlib.util.find_spec(f"posterrt.export.networks.{f}") is None]
+    if missing:
+        pytest.skip(f"network families not written yet: {missing}")
+
+
+@pytest.fixture(scope="module")
+def bundle(request):
+    _require_families()
+    return request.getfixturevalue("tiny_bundle")
+
+
+RUN = ["--size", "256x256", "--steps", "2", "--quiet", "--text", "Fresh Orange Juice", "--text", "Buy 2 get 1 free"]
+
+
+@pytest.mark.parametrize("pipeline", ["poster", "layout", "background", "render"])
+def test_generate_writes_png_and_layout_json(bundle, inputs, tmp_path, capsys, pipeline):
+    out = tmp_path / "poster.png"
+    extra = ["--layout-steps", "5"] if pipeline == "render" else []
+    code = main(["generate", "--product", str(inputs / "product.png"), "--pipeline", pipeline, "--bundle", str(bundle),
+                 "--out", str(out), *RUN, *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert str(out) in captured.out
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (256, 256) and image.mode == "RGB"
+    layout = json.loads(out.with_suffix(".json").read_text())
+    assert layout["format"] == "posterrt-layout" and layout["pipeline"] == pipeline
+    assert (layout["width"], layout["height"], layout["seed"]) == (256, 256, 0)
+    for element in layout["elements"]:
+        x1, y1, x2, y2 = element["box"]
+        assert 0 <= x1 <= x2 <= 256 and 0 <= y1 <= y2 <= 256
+        assert isinstance(element["class"], str) and 0 <= element["score"] <= 1
+        assert set(element) <= {"class", "box", "score", "text"}
+        assert element.get("text") in (None, "Fresh Orange Juice", "Buy 2 get 1 free")
+    placed = [e["text"] for e in layout["elements"] if "text" in e]
+    assert sorted(placed + layout["unplaced_texts"]) == (
+        [] if pipeline == "background" else ["Buy 2 get 1 free", "Fresh Orange Juice"])
+
+
+def test_same_seed_same_files_other_seed_other_poster(bundle, inputs, tmp_path, capsys):
+    def run(seed, name):
+        out = tmp_path / name / "poster.png"
+        assert main(["generate", "--product", str(inputs / "product.png"), "--bundle", str(bundle), "--seed", seed,
+                     "--out", str(out), *RUN]) == 0
+        return out.read_bytes(), out.with_suffix(".json").read_text()
+
+    first, again, other = run("7", "a"), run("7", "b"), run("8", "c")
+    assert first == again
+    assert first[0] != other[0]
+
+
+def test_demo_runs_on_an_existing_bundle(bundle, tmp_path, capsys):
+    code = main(["demo", "--bundle", str(bundle), "--out", str(tmp_path / "demo"), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (tmp_path / "demo" / "poster.png").is_file() and (tmp_path / "demo" / "poster.json").is_file()
+    assert "poster:" in captured.out and "exporting" not in captured.out
