@@ -54,6 +54,8 @@ class Server:
     module: object  # tritonclient.http or tritonclient.grpc
     models: set = field(default_factory=set)  # models verified against the bundle
     down_since: float | None = None
+    answered: int = 0  # requests this server answered (for logs and tests)
+    failures: int = 0  # requests that failed here and went to another server
 
 
 def parse_urls(urls: str | Sequence[str]) -> list[tuple[str, str, str]]:
@@ -197,6 +199,7 @@ class TritonBackend(Backend):
     def _mark_down(self, server: Server) -> None:
         with self._lock:
             server.down_since = time.monotonic()
+            server.failures += 1
         self._drop_client(server)
         if self._shm is not None:
             self._shm.forget_server(server.url)
@@ -231,10 +234,14 @@ class TritonBackend(Backend):
         for attempt in range(self.retries + 1):
             for server in self._candidates(contract.name):
                 try:
-                    return self._infer(server, contract, inputs)
+                    outputs = self._infer(server, contract, inputs)
                 except ServerUnavailable as error:
                     self._mark_down(server)
                     failures.append(f"{server.url}: {error}")
+                    continue
+                with self._lock:
+                    server.answered += 1
+                return outputs
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2 ** attempt)
         last = failures[-1] if failures else "every server failed its health check"
