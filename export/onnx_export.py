@@ -25,7 +25,6 @@ def export_onnx(exportable: Exportable, path: Path) -> list[str]:
     trace_inputs = exportable.inputs(default_sizes("trace"), seed=0)
     args = tuple(torch.from_numpy(trace_inputs[n]) for n in contract.input_names)
     module = exportable.module.eval()
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GB - (64 << 20)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected and harmless
         torch.onnx.export(
@@ -34,18 +33,29 @@ def export_onnx(exportable: Exportable, path: Path) -> list[str]:
             dynamic_axes=contract.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
             dynamo=False,
         )
-    if not big:
+    return gather_external_data(path)
+
+
+def gather_external_data(path: Path) -> list[str]:
+    """Past 2 GB the tracer scatters one file per tensor beside ``path``; gather them into one
+    ``<model>.onnx.data`` and delete the scattered files. Returns the external-data file names
+    (empty when the model holds its weights inline).
+
+    The scattered files are found from the locations the model records, not from tensor names:
+    the exporter sanitizes names into file names ("onnx::MatMul_8181" -> "onnx__MatMul_8181")."""
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    scattered = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    if not scattered:
         return []
-    # Past 2 GB the tracer scatters one file per tensor; gather them into one `<model>.onnx.data`.
-    model = onnx.load(str(path))
+    load_external_data_for_model(model, str(path.parent))
     data_name = path.name + ".data"
-    scattered = {t.name for t in model.graph.initializer}
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
-    for leftover in path.parent.iterdir():
-        if leftover.name in scattered:
-            leftover.unlink()
-    return [data_name]
+    for location in scattered - {data_name}:
+        (path.parent / location).unlink(missing_ok=True)
+    return [data_name] if (path.parent / data_name).is_file() else []  # tensors under 1 KB stay inline
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray, scale_mask: np.ndarray | None = None) -> tuple[float, float]:

@@ -220,3 +220,35 @@ def test_static_dims_resolve_the_contracts():
         inputs = exportable.inputs({"batch": 1, "cfg_batch": 2, "height": 256, "width": 320}, seed=0)
         assert set(inputs) == set(contract.input_names)
         assert np.all(np.isfinite(next(iter(inputs.values()))))
+
+
+def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
+    """Paper render_unet is past 2 GB, where the tracer writes one file per tensor under a sanitized
+    name ("onnx::MatMul_7" -> "onnx__MatMul_7"): the bundle must end with one .onnx.data and no strays."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from posterrt.export.onnx_export import gather_external_data
+
+    rng = np.random.default_rng()
+    weights = {"onnx::MatMul_7": rng.standard_normal((8, 64)).astype(np.float32),
+               "unet.conv_in.weight": rng.standard_normal((64, 3)).astype(np.float32)}  # 2 KB and 768 B
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["h"]),
+         helper.make_node("MatMul", ["h", "unet.conv_in.weight"], ["y"])], "scattered",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        initializer=[numpy_helper.from_array(w, name) for name, w in weights.items()])
+    path = tmp_path / "render_unet.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 3  # the model and one file per tensor
+
+    assert gather_external_data(path) == ["render_unet.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["render_unet.onnx", "render_unet.onnx.data"]
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weights["onnx::MatMul_7"] @ weights["unet.conv_in.weight"], rtol=1e-4, atol=1e-4)
+    assert gather_external_data(path) == ["render_unet.onnx.data"]  # already gathered: unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["render_unet.onnx", "render_unet.onnx.data"]
