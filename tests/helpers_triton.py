@@ -1,4 +1,4 @@
-"""Helpers for the Triton tests: free ports, a bundle of the families that export today, servers."""
+"""Helpers for the Triton tests: free ports, a small real bundle, servers with their log captured."""
 from __future__ import annotations
 
 import socket
@@ -6,9 +6,6 @@ from pathlib import Path
 
 from posterrt.runtime.triton.server import TritonServer
 
-#: Families whose tiny export has landed. RADM joins when its export is in; then the shared
-#: ``tiny_bundle`` fixture (all twelve models) replaces ``export_served_bundle``.
-LANDED_FAMILIES = ("plannet", "stable_diffusion", "rendernet")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,8 +24,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def export_served_bundle(out: Path, families=LANDED_FAMILIES) -> Path:
-    """The tiny preset of ``families`` through the real export code (parity-checked)."""
+def export_served_bundle(out: Path, families: tuple[str, ...]) -> Path:
+    """The tiny preset of ``families`` through the real export code (parity-checked); for tests
+    that need a few real models rather than the shared twelve-model ``tiny_bundle``."""
     from posterrt.export.bundle_writer import export_bundle
     from posterrt.export.registry import FAMILIES
 

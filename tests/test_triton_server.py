@@ -30,7 +30,7 @@ from posterrt.runtime.triton.model_config import ServingOptions
 from posterrt.runtime.triton.repository import build_repository, write_client_bundle
 from posterrt.runtime.triton.server import TritonServer
 
-from helpers_triton import LogBuffer, export_served_bundle, free_ports, start_server
+from helpers_triton import free_ports, start_server
 
 pytestmark = pytest.mark.triton
 
@@ -40,11 +40,11 @@ REL_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    reuse = os.environ.get("POSTERRT_TEST_BUNDLE")  # a pre-exported tiny bundle, to iterate quickly
-    if reuse:
-        return Path(reuse)
-    return export_served_bundle(tmp_path_factory.mktemp("served") / "tiny")
+def bundle_dir(request) -> Path:
+    """The shared tiny bundle (all twelve models, exported once per session); POSTERRT_TEST_BUNDLE
+    names an already exported one instead, to iterate on these tests without exporting."""
+    reuse = os.environ.get("POSTERRT_TEST_BUNDLE")
+    return Path(reuse) if reuse else request.getfixturevalue("tiny_bundle")
 
 
 @pytest.fixture(scope="module")
