@@ -453,24 +453,26 @@ def perturbed_checkpoint(seed=0):
     return state
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_checkpoint_weights_reach_the_onnx_graph(tmp_path, suffix):
-    state = perturbed_checkpoint()
-    path = tmp_path / f"model_final{suffix}"
-    if suffix == ".pth":
-        torch.save({"model": state, "iteration": 5}, path)
-    else:
-        from safetensors.torch import save_file
+@pytest.fixture(scope="module")
+def checkpoint_files(tmp_path_factory):
+    """The same perturbed weights as a Detectron2 ``.pth`` and as ``.safetensors``."""
+    from safetensors.torch import save_file
 
-        save_file(state, str(path))
-    sources = Sources(checkpoints={"radm": str(path)})
-    manifest = export_bundle("tiny", ["radm_backbone", "radm_head"], tmp_path / "bundle", sources, progress=False)
-    assert all(manifest["models"][m]["parity"]["passed"] for m in ("radm_backbone", "radm_head"))
+    folder = tmp_path_factory.mktemp("checkpoints")
+    state = perturbed_checkpoint()
+    torch.save({"model": state, "iteration": 5}, folder / "model_final.pth")
+    save_file(state, str(folder / "model_final.safetensors"))
+    return state, folder / "model_final.pth", folder / "model_final.safetensors"
+
+
+def test_checkpoint_weights_reach_the_onnx_graph(checkpoint_files, tmp_path):
+    state, pth, _ = checkpoint_files
+    sources = Sources(checkpoints={"radm": str(pth)})
+    manifest = export_bundle("tiny", ["radm_head"], tmp_path / "bundle", sources, progress=False)
+    assert manifest["models"]["radm_head"]["parity"]["passed"]
 
     loaded = radm.build("radm_head", "tiny", sources)
     default = radm.build("radm_head", "tiny", Sources())
-    key = "head.head_series.1.inst_interact.dynamic_layer.weight"
-    assert torch.equal(loaded.module.state_dict()[key], state[key])
     inputs = loaded.inputs(default_sizes("other"), seed=11)
     session = ort.InferenceSession(str(tmp_path / "bundle" / "radm_head.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, inputs)
@@ -480,6 +482,17 @@ def test_checkpoint_weights_reach_the_onnx_graph(tmp_path, suffix):
     for g, w, b in zip(got, want, before):
         assert relative_error(g, w.numpy())[1] <= FP32_RTOL
         assert relative_error(g, b.numpy())[1] > 1e-3  # the checkpoint changed the numbers
+
+
+@pytest.mark.parametrize("which", ["pth", "safetensors"])
+@pytest.mark.parametrize("model", ["radm_backbone", "radm_head"])
+def test_every_checkpoint_tensor_is_loaded(checkpoint_files, which, model):
+    state, pth, safetensors = checkpoint_files
+    path = pth if which == "pth" else safetensors
+    loaded = radm.build(model, "tiny", Sources(checkpoints={"radm": str(path)})).module.state_dict()
+    prefix = radm.CHECKPOINT_PREFIX[model]
+    assert loaded.keys() == {k for k in state if k.startswith(prefix)}
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
 
 
 def test_checkpoint_with_a_wrong_shape_names_the_tensor(tmp_path):
@@ -537,9 +550,10 @@ def test_pretrained_roberta_sets_the_text_width(roberta_folder, tmp_path):
     from transformers import RobertaModel
 
     sources = Sources(pretrained={"roberta": str(roberta_folder)})
-    manifest = export_bundle("tiny", ["radm_text_encoder", "radm_head"], tmp_path / "b", sources, progress=False)
+    manifest = export_bundle("tiny", ["radm_text_encoder"], tmp_path / "b", sources, progress=False)
     assert manifest["models"]["radm_text_encoder"]["static_dims"] == {"text_dim": 24, "text_vocab_size": 400}
-    assert manifest["models"]["radm_head"]["static_dims"]["text_dim"] == 24
+    assert radm.build("radm_head", "tiny", sources).static_dims["text_dim"] == 24
+    assert manifest["config"]["radm"]["text_pad_token_id"] == 0
     reference = RobertaModel.from_pretrained(str(roberta_folder)).eval()
     ids = np.array([[1, 40, 41, 2, 0, 0], [1, 7, 8, 9, 10, 2]], dtype=np.int64)
     mask = (ids != 0).astype(np.int64)
