@@ -312,3 +312,66 @@ def test_serve_command_runs_until_sigterm(single_repo):
     assert process.returncode == 0, err[-2000:]
     assert "stopping tritonserver" in out
     assert "[tritonserver] " in err and "successfully unloaded 'plannet_denoiser'" in err  # log forwarded, clean exit
+
+
+# --- pipelines through Triton ----------------------------------------------------------------
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def poster_request(seed: int):
+    from posterrt.runtime.pipelines.request import PosterRequest
+
+    rgb = np.full((96, 128, 3), 200, np.uint8)
+    rgb[20:80, 70:110] = (30, 120, 220)
+    mask = np.zeros((96, 128), np.float32)
+    mask[20:80, 70:110] = 1  # the product: a block right of centre
+    return PosterRequest(product=rgb, product_mask=mask, texts=["Fresh juice", "50% off"], size=(256, 256), seed=seed)
+
+
+def assert_same_poster(got, want, where: str):
+    assert psnr(got.image, want.image) > 60, f"{where}: PSNR {psnr(got.image, want.image):.1f} dB"
+    assert [e.cls for e in got.elements] == [e.cls for e in want.elements], where
+    scale = max(want.image.shape[:2])  # boxes are pixels: 1e-5 of the canvas
+    for a, b in zip(got.elements, want.elements):
+        assert np.abs(np.subtract(a.box, b.box)).max() <= 1e-5 * scale and abs(a.score - b.score) <= 1e-5, where
+
+
+@pytest.fixture(scope="module")
+def embedded_posters(bundle_dir):
+    from posterrt.runtime.client import PosterClient
+    from posterrt.runtime.pipelines import PIPELINES
+
+    with PosterClient(bundle_dir, intra_op_threads=1) as client:
+        return {name: client.generate(poster_request(seed=11), pipeline=name) for name in PIPELINES}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_every_pipeline_through_triton_equals_embedded(server, bundle_dir, embedded_posters, protocol):
+    from posterrt.runtime.client import PosterClient
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with PosterClient(bundle_dir, url) as client:
+        for name, want in embedded_posters.items():
+            assert_same_poster(client.generate(poster_request(seed=11), pipeline=name), want, f"{protocol} {name}")
+
+
+def test_poster_client_serves_threads_and_asyncio(server, bundle_dir):
+    import asyncio
+
+    from posterrt.runtime.client import PosterClient
+
+    with PosterClient(bundle_dir, server.grpc_url, max_workers=3) as client:
+        sequential = [client.generate(poster_request(seed), pipeline="render") for seed in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            threaded = list(pool.map(lambda seed: client.generate(poster_request(seed), pipeline="render"), range(3)))
+
+        async def gather():
+            return await asyncio.gather(*(client.agenerate(poster_request(seed), pipeline="render") for seed in range(3)))
+
+        awaited = asyncio.run(gather())
+    for seed in range(3):
+        assert_same_poster(threaded[seed], sequential[seed], f"thread seed {seed}")
+        assert_same_poster(awaited[seed], sequential[seed], f"asyncio seed {seed}")
+    assert psnr(sequential[0].image, sequential[1].image) < 60, "different seeds must give different posters"
