@@ -24,7 +24,7 @@ def test_runtime_imports_without_torch():
                "posterrt.runtime.backends.base", "posterrt.runtime.cli"]
     modules += ["posterrt.runtime.metrics", "posterrt.runtime.commands.eval_layout"]
     modules += ["posterrt.runtime.schedulers", "posterrt.runtime.schedulers.radm", "posterrt.runtime.schedulers.plannet"]
-    modules += ["posterrt.runtime.backends", "posterrt.runtime.backends.triton", "posterrt.runtime.triton.repository", "posterrt.runtime.triton.server", "posterrt.runtime.triton.shm", "posterrt.runtime.commands.repo", "posterrt.runtime.commands.serve"]
+    modules += ["posterrt.runtime.backends", "posterrt.runtime.backends.triton", "posterrt.runtime.triton.repository", "posterrt.runtime.triton.server", "posterrt.runtime.triton.shm", "posterrt.runtime.commands.repo", "posterrt.runtime.commands.serve", "posterrt.runtime.client"]
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     code += "import sys; assert 'torch' not in sys.modules; print('ok')"
     result = _run_without_torch(code)

@@ -191,6 +191,27 @@ def test_gpu_flavors_on_disk(small_bundle, tmp_path):
         build_repository(small_bundle, tmp_path / "trt3", mc.ServingOptions(flavor="gpu-trt"), engines=tmp_path / "none")
 
 
+def test_gpu_trt_follows_the_engines_manifest(small_bundle, tmp_path):
+    """A plan built with a narrower batch profile caps max_batch_size; a plan built from another
+    export of the model is not served."""
+    bundle = Bundle(small_bundle)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    for name in bundle.models:
+        (engines / f"{name}.plan").write_bytes(b"engine")
+    records = {
+        "plannet_denoiser": {"ranges": {"batch": {"min": 1, "opt": 1, "max": 2}},
+                             "source_onnx_sha256": bundle.models["plannet_denoiser"].sha256},
+        "plannet_encoder": {"source_onnx_sha256": "f" * 64},
+    }
+    (engines / "manifest.json").write_text(json.dumps({"format": "posterrt-engines", "version": 1, "engines": records}))
+    report = build_repository(bundle, tmp_path / "trt", mc.ServingOptions(flavor="gpu-trt"), engines=engines)
+    assert report.missing_plans == ["plannet_encoder"]
+    assert "another export" in next(m.note for m in report.models if m.name == "plannet_encoder")
+    assert not (tmp_path / "trt" / "plannet_encoder" / "1" / "model.plan").exists()
+    assert read_config(tmp_path / "trt" / "plannet_denoiser").max_batch_size == 2
+
+
 def test_repository_refuses_an_edited_model(small_bundle, tmp_path):
     copy = tmp_path / "bundle"
     copy.mkdir()

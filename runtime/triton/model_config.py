@@ -128,11 +128,10 @@ class ServingOptions:
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise InputError(f"--queue-delay-us: must be >= 0, got {self.max_queue_delay_us}")
 
-    def batching(self, contract: ModelContract) -> BatchingPolicy:
+    def batching(self, contract: ModelContract, limit: int) -> BatchingPolicy:
         policy = default_batching(contract)
         enabled = policy.enabled if self.dynamic_batching is None else self.dynamic_batching
         delay = policy.max_queue_delay_us if self.max_queue_delay_us is None else self.max_queue_delay_us
-        limit = max_batch_size(contract)
         bad = [size for size in self.preferred_batch_sizes if not 1 <= size <= limit]
         if bad and enabled:
             raise InputError(f"--preferred-batch-sizes: {bad} outside 1..{limit} (max batch of {contract.name})")
@@ -145,15 +144,20 @@ def profile_shapes(contract: ModelContract, kind: str) -> str:
     return ",".join(f"{spec.name}:" + "x".join(str(d) for d in spec.concrete_shape(sizes)) for spec in contract.inputs)
 
 
-def build_model_config(contract: ModelContract, options: ServingOptions, parameters: dict | None = None) -> pb.ModelConfig:
-    """The Triton config of one resolved contract for ``options.flavor``."""
-    config = pb.ModelConfig(name=contract.name, max_batch_size=max_batch_size(contract))
+def build_model_config(contract: ModelContract, options: ServingOptions, parameters: dict | None = None,
+                       max_batch: int | None = None) -> pb.ModelConfig:
+    """The Triton config of one resolved contract for ``options.flavor``.
+
+    ``max_batch``: a smaller batch limit than the contract's, when the model file supports less
+    (a TensorRT plan built with a narrower profile)."""
+    limit = max_batch_size(contract) if max_batch is None else min(max_batch, max_batch_size(contract))
+    config = pb.ModelConfig(name=contract.name, max_batch_size=limit)
     for spec in contract.inputs:
         _tensor(config.input.add(), spec)
     for spec in contract.outputs:
         _tensor(config.output.add(), spec)
 
-    policy = options.batching(contract)
+    policy = options.batching(contract, limit)
     if policy.enabled:
         config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
         config.dynamic_batching.preferred_batch_size.extend(policy.preferred_batch_sizes)

@@ -28,6 +28,7 @@ from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, Se
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
 CONTRACT_FILE = "contract.json"
 VERSION = "1"
+ENGINES_MANIFEST = "manifest.json"  # written by `posterrt engines build` beside the plans
 
 
 @dataclass
@@ -82,11 +83,27 @@ def find_plan(engines: Path, model: str) -> Path | None:
     return None
 
 
+def engine_record(engines: Path, model: str) -> dict:
+    """The entry ``posterrt engines build`` recorded for ``model`` in ``<engines>/manifest.json``
+    (empty for a plan made some other way). Read as data: the runtime does not import engines."""
+    path = engines / ENGINES_MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise BundleError(f"--engines: {path} is not valid JSON ({error})") from None
+    return manifest.get("engines", {}).get(model, {}) if isinstance(manifest, dict) else {}
+
+
 def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOptions, engines: Path | None) -> ModelReport:
     entry = bundle.models[name]
     contract = bundle.contract(name)
     parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION}
-    config = build_model_config(contract, options, parameters)
+    record = engine_record(engines, name) if options.flavor == "gpu-trt" and engines else {}
+    # a plan only accepts the batch sizes of its profile; Triton refuses a config that promises more
+    engine_batch = record.get("ranges", {}).get(contract.batch_dim, {}).get("max")
+    config = build_model_config(contract, options, parameters, max_batch=engine_batch)
     version = folder / VERSION
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(config))
@@ -103,6 +120,11 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
             (version / CONTRACT_FILE).write_text(json.dumps(document, indent=2))
         return ModelReport(name, folder, True)
     plan = find_plan(engines, name) if engines else None
+    source = record.get("source_onnx_sha256")
+    if plan is not None and source and source != entry.sha256:
+        return ModelReport(name, folder, False, f"the plan {plan} was built from another export of {name} "
+                                                f"(ONNX {source[:12]}..., bundle {entry.sha256[:12]}...); build it again "
+                                                f"with `posterrt engines build --bundle {bundle.root}`")
     if plan is None:
         where = f"in {engines}" if engines else "(no --engines folder given)"
         return ModelReport(name, folder, False, f"no TensorRT plan for {name} {where}; build it with "
