@@ -186,7 +186,7 @@ def test_same_seed_same_files_other_seed_other_poster(bundle, inputs, tmp_path, 
 
 
 def test_demo_runs_on_an_existing_bundle(bundle, tmp_path, capsys):
-    code = main(["demo", "--bundle", str(bundle), "--out", str(tmp_path / "demo"), "--quiet"])
+    code = main(["demo", "--bundle", str(bundle), "--out", str(tmp_path / "demo"), "--size", "256x256", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (tmp_path / "demo" / "poster.png").is_file() and (tmp_path / "demo" / "poster.json").is_file()

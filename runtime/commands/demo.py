@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from .generate import default_bundle_dir, write_outputs
+from .generate import default_bundle_dir, parse_int, write_outputs
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PRODUCT = ASSETS / "product.png"  # drawn by assets/make_product.py: a juice bottle with an alpha cutout
@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bundle", type=Path, default=None,
                         help=f"bundle folder; the tiny bundle is exported there if absent (default {default_bundle_dir()})")
     parser.add_argument("--out", type=Path, default=Path("posterrt-demo"), help="folder for poster.png and poster.json")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", default="0", help="random seed")
+    parser.add_argument("--size", default=None, help="poster size WIDTHxHEIGHT (default 512x512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -55,12 +56,14 @@ def run(args) -> int:
     from ..bundle import Bundle
     from ..images import load_product, load_rgba
     from ..pipelines import build_pipeline
-    from ..pipelines.request import PosterRequest
+    from ..pipelines.request import DEFAULT_SIZE, PosterRequest, parse_size
 
+    size = parse_size(args.size) if args.size else DEFAULT_SIZE
+    seed = parse_int(args.seed, "--seed", 0, 2 ** 63 - 1)
     folder = ensure_bundle(args.bundle or default_bundle_dir(), progress=not args.quiet)
     product, mask = load_product(PRODUCT)
     request = PosterRequest(product=product, product_mask=mask, texts=list(TEXTS), category=CATEGORY,
-                            logo=load_rgba(LOGO, "logo"), seed=args.seed).validate()
+                            logo=load_rgba(LOGO, "logo"), size=size, seed=seed).validate()
     with OrtBackend(Bundle(folder)) as backend:
         result = build_pipeline("poster", backend, progress=not args.quiet)(request)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,4 +71,10 @@ def run(args) -> int:
     print(f"poster: {poster.resolve()}")
     print(f"layout: {layout.resolve()}")
     print("timings: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items()))
+    if Bundle(folder).preset == "tiny":
+        print("note: the tiny bundle holds random weights, so the background is noise and the layout may hold "
+              "no confident boxes; export real checkpoints (`posterrt export --preset paper --checkpoint ...`) "
+              "for real posters")
+    if result.unplaced_texts:
+        print(f"note: texts without a text box in this layout: {result.unplaced_texts}")
     return 0

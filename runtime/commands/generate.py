@@ -84,8 +84,7 @@ def check_out(out: Path) -> Path:
 
 def build_request(args) -> PosterRequest:
     """Load and check every input file and value of the command line."""
-    from .. import pipelines
-    from ..pipelines.request import STEPS_RANGE
+    from ..pipelines.request import DEFAULT_SIZE, STEPS_RANGE
 
     check_out(args.out)
     product, mask = load_product(args.product, args.mask, require_mask=needs_product_mask(args.pipeline))
@@ -93,7 +92,7 @@ def build_request(args) -> PosterRequest:
         product=product, product_mask=mask, texts=args.text, category=args.category,
         style=load_rgb(args.style, "--style") if args.style else None,
         logo=load_rgba(args.logo, "--logo") if args.logo else None,
-        size=parse_size(args.size) if args.size else pipelines.request.DEFAULT_SIZE,
+        size=parse_size(args.size) if args.size else DEFAULT_SIZE,
         steps=parse_int(args.steps, "--steps", *STEPS_RANGE),
         layout_steps=parse_int(args.layout_steps, "--layout-steps", *STEPS_RANGE),
         guidance=parse_float(args.guidance, "--guidance"),
