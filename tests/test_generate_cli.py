@@ -111,6 +111,16 @@ def test_unusable_bundle_is_one_line_and_exit_2(inputs, tmp_path, capsys, bundle
         assert word in err
 
 
+@pytest.mark.parametrize("extra, words", [(["--backend", "ftp://host:1"], ["--backend", "http://HOST:PORT"]),
+                                          (["--backend", "grpc://127.0.0.1:1", "--threads", "2"], ["--threads"])])
+def test_bad_backend_choice_is_one_line_and_exit_2(inputs, tmp_path, capsys, extra, words):
+    code = _generate(inputs, tmp_path, *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err
+
+
 def test_out_must_be_a_png(inputs, tmp_path, capsys):
     code = main(["generate", "--product", str(inputs / "product.png"), "--bundle", str(inputs / "empty_bundle"),
                  "--out", str(tmp_path / "poster.jpg")])

@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, help=f"exported bundle folder (default: ${BUNDLE_ENV} or "
                                                                   f"{default_bundle_dir()})")
     parser.add_argument("--backend", default=None, metavar="URL",
-                        help="Triton server URL (http://host:8000 or grpc://host:8001); default: embedded ONNX Runtime")
+                        help="Triton server URL(s), http://HOST:8000 or grpc://HOST:8001, comma-separated for "
+                             "several; default: embedded ONNX Runtime")
     parser.add_argument("--threads", default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, type=Path, help="poster PNG to write; the layout JSON goes beside it")
@@ -103,16 +104,14 @@ def build_request(args) -> PosterRequest:
 
 
 def make_backend(bundle, url: str | None, threads: int | None):
-    """Embedded ONNX Runtime by default; a Triton server when --backend URL is given."""
-    if url is None:
-        from ..backends.onnxruntime import OrtBackend
+    """Embedded ONNX Runtime by default; Triton server(s) when --backend names http:// or grpc:// URLs."""
+    from ..backends import EMBEDDED, open_backend
 
-        return OrtBackend(bundle, intra_op_threads=threads)
-    try:
-        from ..backends.triton import TritonBackend
-    except ImportError as error:
-        raise InputError(f"--backend: {url!r} needs the Triton backend, which cannot be imported ({error})") from None
-    return TritonBackend(bundle, url)
+    if url in EMBEDDED:
+        return open_backend(bundle, url, intra_op_threads=threads)
+    if threads is not None:
+        raise InputError(f"--threads: sets ONNX Runtime's thread pool and has no effect with --backend {url!r}")
+    return open_backend(bundle, url)
 
 
 def write_outputs(result, out: Path) -> tuple[Path, Path]:
