@@ -82,12 +82,23 @@ class HeadConfig:
     # (proposal row b*P+p reads image (b*P+p) % N) is not reproduced, because at batch 1 (how that
     # code runs inference) it is the identity, and a served model must not let one request's text
     # leak into another's result when Triton batches them.
+    # Under the view every "line" mixes values of all lines, padding included, so the numbers
+    # depend on the padding: the public code always pads to max_lines (20) with zero features and
+    # mask 0, and a runtime reproducing it must send text_features padded the same way.
     text_compat_view: bool = True
     # The official VTRAM pools its [N*P, 49, d] output with ``reshape(N*P, d, -1).mean(-1)`` (a
     # reshape, not a transpose: each of the d outputs averages 49 consecutive values of the
     # token-major layout). Same reasoning and default as ``text_compat_view``; False is the clean
     # mean over the 49 tokens.
     vtram_pool_compat: bool = True
+    # The public detector builds its box scale with ``c, w, h = image.shape`` on a CHW image, so its
+    # "images_whwh" is really (H, W, H, W): a normalized box becomes "pixels" with x scaled by the
+    # image height and y by the width. Its checkpoints were trained on RoIs pooled there (and learned
+    # to predict true pixel boxes), so True reproduces it: radm_head divides the input boxes by
+    # (H, W, H, W) to get VTRAM's normalized box token, and the sampler, which reads this flag from
+    # the bundle config, must scale normalized boxes by the same vector. False: (W, H, W, H).
+    # Square images are unaffected.
+    image_whwh_compat: bool = True
 
     def __post_init__(self):
         if self.num_dynamic != 2:
@@ -185,5 +196,6 @@ class RADMConfig:
             "pixel_format": "RGB",
             "text_compat_view": self.head.text_compat_view,
             "vtram_pool_compat": self.head.vtram_pool_compat,
+            "image_whwh_compat": self.head.image_whwh_compat,
             "num_stages": self.head.num_stages,
         }
