@@ -643,3 +643,34 @@ def test_engine_helpers_import_without_torch_or_tensorrt():
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.py
+# ---------------------------------------------------------------------------------------------
+def test_gpu_check_logic_runs_on_cpu():
+    """The script's PyTorch half on a tiny per-step model, on the CPU: parity computed, timings recorded."""
+    from posterrt.benchmarks import gpu_check
+
+    lines = []
+    results = gpu_check.run_checks(["plannet_denoiser"], ["tiny"], "cpu", repeats=2, tensorrt=False, log=lines.append)
+    (row,) = results["results"]
+    assert "error" not in row, row
+    assert row["torch_fp16_vs_fp32"]["passed"] and 0 < max(row["torch_fp16_vs_fp32"]["max_rel"].values()) <= FP16_RTOL
+    assert row["latency"]["torch_fp32"]["n"] == 2 and row["latency"]["torch_fp16"]["p50_ms"] > 0
+    assert row["fp16_mode"] in ("half", "autocast") and "plannet_denoiser" in lines[0]
+    assert set(gpu_check.STEP_MODELS) == {"radm_head", "plannet_denoiser", "bg_unet", "render_unet"}
+
+
+def test_gpu_check_on_a_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU (none visible to torch here); run python -m posterrt.benchmarks.gpu_check on one")
+    from posterrt.benchmarks import gpu_check
+
+    results = gpu_check.run_checks(["bg_unet"], ["tiny"], "cuda", repeats=5, tensorrt=gpu_check.tensorrt_available())
+    (row,) = results["results"]
+    assert "error" not in row, row
+    assert row["torch_fp16_vs_fp32"]["passed"], row
+    if "tensorrt" in row:
+        assert row["tensorrt"]["trt_fp16_vs_torch_fp32"]["passed"], row
