@@ -396,12 +396,12 @@ def test_head_switches_change_the_outputs():
             assert (outputs[a] - outputs[b]).abs().max() > 1e-5, (a, b)
 
 
-def test_image_whwh_compat_normalizes_x_by_the_height():
+def test_swapped_image_whwh_normalizes_x_by_the_height():
     exportable = radm.build("radm_head", "tiny", Sources())
     inputs = head_inputs(exportable, seed=7, batch=1)  # a 256 x 320 image
     image_size = inputs[-1]
     clean = copy.deepcopy(exportable.module)
-    clean.config = dataclasses.replace(clean.config, image_whwh_compat=False)
+    clean.config = dataclasses.replace(clean.config, swapped_image_whwh=False)
     with torch.no_grad():
         compat = exportable.module(*inputs)[0]
         # (H, W, H, W) is what the clean (W, H, W, H) scale gives for the transposed image size
@@ -433,7 +433,7 @@ def test_tiny_export_passes_parity_and_records_the_config(tiny_radm_bundle):
     assert (config["num_proposals"], config["box_scale"], config["num_timesteps"], config["schedule"]) == (100, 2.0, 1000, "cosine")
     assert (config["sampling_steps"], config["ddim_eta"], config["top_k"]) == (1, 1.0, 100)
     assert (config["nms_iou"], config["score_threshold"], config["max_lines"]) == (0.15, 0.25, 20)
-    assert config["text_compat_view"] is True and config["image_whwh_compat"] is True
+    assert config["text_compat_view"] is True and config["swapped_image_whwh"] is True
     assert config["min_size_test"] == 800 and config["max_size_test"] == 1333
     assert manifest["models"]["radm_head"]["static_dims"] == {"fpn_channels": 16, "text_dim": 32, "num_classes": 4}
     head = onnx.load(str(out / "radm_head.onnx"))

@@ -98,7 +98,7 @@ class HeadConfig:
     # (H, W, H, W) to get VTRAM's normalized box token, and the sampler, which reads this flag from
     # the bundle config, must scale normalized boxes by the same vector. False: (W, H, W, H).
     # Square images are unaffected.
-    image_whwh_compat: bool = True
+    swapped_image_whwh: bool = True
 
     def __post_init__(self):
         if self.num_dynamic != 2:
@@ -196,6 +196,6 @@ class RADMConfig:
             "pixel_format": "RGB",
             "text_compat_view": self.head.text_compat_view,
             "vtram_pool_compat": self.head.vtram_pool_compat,
-            "image_whwh_compat": self.head.image_whwh_compat,
+            "swapped_image_whwh": self.head.swapped_image_whwh,
             "num_stages": self.head.num_stages,
         }

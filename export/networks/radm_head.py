@@ -349,7 +349,7 @@ class RADMHead(nn.Module):
 
     def forward(self, p2, p3, p4, p5, boxes, timestep, text_features, text_mask, image_size):
         height, width = image_size[:, 0], image_size[:, 1]
-        if self.config.image_whwh_compat:  # the public code's (H, W, H, W) scale, see HeadConfig
+        if self.config.swapped_image_whwh:  # the public code's (H, W, H, W) scale, see HeadConfig
             whwh = torch.stack([height, width, height, width], dim=1)[:, None, :]
         else:
             whwh = torch.stack([width, height, width, height], dim=1)[:, None, :]
