@@ -55,7 +55,11 @@ def gather_external_data(path: Path) -> list[str]:
                     location=data_name, size_threshold=1024)
     for location in scattered - {data_name}:
         (path.parent / location).unlink(missing_ok=True)
-    return [data_name] if (path.parent / data_name).is_file() else []  # tensors under 1 KB stay inline
+    data_path = path.parent / data_name
+    if not data_path.is_file():  # every tensor was under 1 KB: all inline
+        return []
+    data_path.chmod(path.stat().st_mode & 0o777)  # onnx writes it 0600; readers (Triton) need the model's mode
+    return [data_name]
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray, scale_mask: np.ndarray | None = None) -> tuple[float, float]:

@@ -247,6 +247,7 @@ def test_scattered_external_data_is_gathered_into_one_file(tmp_path):
 
     assert gather_external_data(path) == ["render_unet.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["render_unet.onnx", "render_unet.onnx.data"]
+    assert (tmp_path / "render_unet.onnx.data").stat().st_mode == path.stat().st_mode
     x = rng.standard_normal((2, 8)).astype(np.float32)
     (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ weights["onnx::MatMul_7"] @ weights["unet.conv_in.weight"], rtol=1e-4, atol=1e-4)
