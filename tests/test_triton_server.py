@@ -143,6 +143,7 @@ def test_concurrent_requests_are_correct_and_batched(server, bundle, reference, 
         results = list(pool.map(lambda r: backend.run(model, r), requests))
     for i, (got, want) in enumerate(zip(results, expected)):
         assert_close(got, want, f"{protocol} request {i}")
+    assert [s.failures for s in backend.servers] == [0], backend.servers[0].last_error
     after = model_stats(server.http_url, model)
     inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
     executions = int(after["execution_count"]) - int(before.get("execution_count", 0))

@@ -3,9 +3,10 @@
 ``TritonBackend(bundle, "grpc://127.0.0.1:8001")`` or several servers, comma-separated or as a list
 (``"http://a:8000,http://b:8000"``). What the pipelines never see:
 
-* connections: tritonclient's HTTP client is not thread-safe (its docstring says so), so each
-  thread gets its own per server; the gRPC client is thread-safe (bar streaming, unused here), so
-  one per server is shared;
+* connections: tritonclient's HTTP client is not thread-safe (its docstring says so) and, built on
+  gevent, must stay in the thread that made it; so each thread keeps its own HTTP client per
+  server, reused across its requests (keep-alive). The gRPC client is thread-safe (bar streaming,
+  unused here): one per server, shared;
 * tensors travel as binary data; with ``shared_memory=True`` tensors of at least
   ``shm_threshold_bytes`` go through system shared memory regions from a pool the backend owns
   (servers on this host only);
@@ -23,6 +24,7 @@ import importlib
 import itertools
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -46,14 +48,83 @@ class ServerUnavailable(Exception):
     """Internal: the request did not reach a working server; it is safe to send it elsewhere."""
 
 
+class Connections:
+    """tritonclient clients of one server, reused across requests.
+
+    gRPC: one client shared by every thread. HTTP: one client per thread, kept for that thread's
+    next requests; clients of threads that ended are closed when the next one is made, so a
+    service whose worker threads come and go does not pile up connections. A client whose call
+    failed for any reason but a refused request is closed: its connection may be half-dead."""
+
+    def __init__(self, module, scheme: str, address: str, timeout_s: float):
+        self.module, self.scheme, self.address, self.timeout_s = module, scheme, address, timeout_s
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._shared = None
+        self._per_thread: list[tuple[threading.Thread, object]] = []
+
+    def _shared_client(self):
+        with self._lock:
+            if self._shared is None:
+                self._shared = self.module.InferenceServerClient(self.address)
+            return self._shared
+
+    def _thread_client(self):
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            return client
+        client = self.module.InferenceServerClient(self.address, connection_timeout=self.timeout_s,
+                                                   network_timeout=self.timeout_s)
+        with self._lock:
+            ended = [c for thread, c in self._per_thread if not thread.is_alive()]
+            self._per_thread = [(t, c) for t, c in self._per_thread if t.is_alive()]
+            self._per_thread.append((threading.current_thread(), client))
+        for old in ended:
+            _close_quietly(old)
+        self._local.client = client
+        return client
+
+    @contextmanager
+    def client(self):
+        if self.scheme == "grpc":
+            yield self._shared_client()
+            return
+        client = self._thread_client()
+        try:
+            yield client
+        except (BackendError, ContractError):  # the server refused the request: the connection is fine
+            raise
+        except BaseException:
+            self._local.client = None
+            with self._lock:
+                self._per_thread = [(t, c) for t, c in self._per_thread if c is not client]
+            _close_quietly(client)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            clients = [c for _, c in self._per_thread] + ([self._shared] if self._shared is not None else [])
+            self._per_thread, self._shared = [], None
+        for client in clients:
+            _close_quietly(client)
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:  # a client of a dead server may fail to close; nothing is left to free
+        pass
+
+
 @dataclass(eq=False)
 class Server:
     url: str  # as the user wrote it: grpc://host:port
     scheme: str
     address: str  # host:port, what tritonclient takes
-    module: object  # tritonclient.http or tritonclient.grpc
+    connections: Connections
     models: set = field(default_factory=set)  # models verified against the bundle
     down_since: float | None = None
+    last_error: str = ""  # why the last request failed here
     answered: int = 0  # requests this server answered (for logs and tests)
     failures: int = 0  # requests that failed here and went to another server
 
@@ -101,13 +172,11 @@ class TritonBackend(Backend):
         self.backoff_s = backoff_s
         self.recheck_s = recheck_s  # a down server is health-checked at most this often
         self.shm_threshold_bytes = shm_threshold_bytes
-        self.servers = [Server(url, scheme, address, importlib.import_module(SCHEMES[scheme]))
+        self.servers = [Server(url, scheme, address,
+                               Connections(importlib.import_module(SCHEMES[scheme]), scheme, address, timeout_s))
                         for url, scheme, address in parse_urls(urls)]
         self._turn = itertools.count()
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._shared_clients: dict[int, object] = {}  # gRPC: one per server
-        self._all_clients: list = []
         self._closed = False
         self._shm = None
         if shared_memory:
@@ -118,41 +187,18 @@ class TritonBackend(Backend):
             bundle.require(models)
         self._connect(list(models) if models is not None else None, verify)
 
-    # -- connections ----------------------------------------------------------------------------
-    def _client(self, server: Server):
-        if server.scheme == "grpc":
-            with self._lock:
-                client = self._shared_clients.get(id(server))
-                if client is None:
-                    client = self._shared_clients[id(server)] = server.module.InferenceServerClient(server.address)
-                    self._all_clients.append(client)
-            return client
-        clients = self._local.__dict__.setdefault("clients", {})
-        client = clients.get(id(server))
-        if client is None:
-            client = server.module.InferenceServerClient(
-                server.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
-            clients[id(server)] = client
-            with self._lock:
-                self._all_clients.append(client)
-        return client
-
-    def _drop_client(self, server: Server) -> None:
-        """After a connection error: the next call opens a fresh connection."""
-        if server.scheme == "http":
-            self._local.__dict__.get("clients", {}).pop(id(server), None)
-
+    # -- connect-time checks --------------------------------------------------------------------
     def _metadata(self, server: Server, model: str) -> tuple[dict, dict]:
-        client = self._client(server)
-        if server.scheme == "grpc":
-            return (client.get_model_metadata(model, as_json=True),
-                    client.get_model_config(model, as_json=True)["config"])
-        return client.get_model_metadata(model), client.get_model_config(model)
+        with server.connections.client() as client:
+            if server.scheme == "grpc":
+                return (client.get_model_metadata(model, as_json=True),
+                        client.get_model_config(model, as_json=True)["config"])
+            return client.get_model_metadata(model), client.get_model_config(model)
 
     def _ready_models(self, server: Server) -> set[str]:
-        client = self._client(server)
-        index = client.get_model_repository_index(as_json=True) if server.scheme == "grpc" else \
-            client.get_model_repository_index()
+        with server.connections.client() as client:
+            index = client.get_model_repository_index(as_json=True) if server.scheme == "grpc" else \
+                client.get_model_repository_index()
         if isinstance(index, dict):
             index = index.get("models", [])
         return {m["name"] for m in index if m.get("state") == "READY"}
@@ -196,11 +242,11 @@ class TritonBackend(Backend):
                                f"the repository was built from another export")
 
     # -- server choice ------------------------------------------------------------------------
-    def _mark_down(self, server: Server) -> None:
+    def _mark_down(self, server: Server, reason: str) -> None:
         with self._lock:
             server.down_since = time.monotonic()
             server.failures += 1
-        self._drop_client(server)
+            server.last_error = reason
         if self._shm is not None:
             self._shm.forget_server(server.url)
 
@@ -211,7 +257,8 @@ class TritonBackend(Backend):
         if time.monotonic() - server.down_since < self.recheck_s:
             return False
         try:
-            ready = bool(self._client(server).is_server_ready())
+            with server.connections.client() as client:
+                ready = bool(client.is_server_ready())
         except Exception:
             ready = False
         with self._lock:
@@ -236,7 +283,7 @@ class TritonBackend(Backend):
                 try:
                     outputs = self._infer(server, contract, inputs)
                 except ServerUnavailable as error:
-                    self._mark_down(server)
+                    self._mark_down(server, str(error))
                     failures.append(f"{server.url}: {error}")
                     continue
                 with self._lock:
@@ -249,8 +296,12 @@ class TritonBackend(Backend):
                            f"over {[s.url for s in self.servers]}; last: {last}")
 
     def _infer(self, server: Server, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        module = server.module
-        client = self._client(server)
+        with server.connections.client() as client:
+            return self._infer_with(client, server, contract, inputs)
+
+    def _infer_with(self, client, server: Server, contract: ModelContract,
+                    inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module = server.connections.module
         checked_out = []  # shared-memory regions of this request, returned to the pool at the end
         try:
             sizes = axis_sizes(contract, inputs) if self._shm is not None else {}
@@ -323,19 +374,15 @@ class TritonBackend(Backend):
         self._closed = True
         if self._shm is not None:
             for server in self.servers:
-                for region in self._shm.regions_on(server.url):
-                    try:  # the server unmaps our regions before we unlink them
-                        self._client(server).unregister_system_shared_memory(region.name)
-                    except Exception:  # server gone: nothing registered any more
-                        break
+                try:  # the server unmaps our regions before we unlink them
+                    with server.connections.client() as client:
+                        for region in self._shm.regions_on(server.url):
+                            client.unregister_system_shared_memory(region.name)
+                except Exception:  # server gone: nothing registered there any more
+                    pass
             self._shm.close()
-        with self._lock:
-            clients, self._all_clients = self._all_clients, []
-        for client in clients:
-            try:
-                client.close()
-            except Exception:
-                pass
+        for server in self.servers:
+            server.connections.close()
 
 
 def _retryable(error: Exception) -> bool:
