@@ -7,8 +7,6 @@ once per request, before the loop.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from PIL import Image
 
@@ -18,6 +16,7 @@ from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
 from .request import PosterRequest, PosterResult
+from .stages import Stages
 
 MODELS = ("clip_text_encoder", "image_encoder", "vae_encoder", "bg_unet", "vae_decoder")
 #: Steps when the request names none, for bundles whose config should not decide: the tiny
@@ -90,7 +89,8 @@ class BackgroundPipeline:
         if request.product_mask is None:
             raise InputError("product_mask: the background pipeline paints around the product and needs its cutout; "
                              "give a PNG with transparency or --mask")
-        started = time.perf_counter()
-        canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
-        image = self.generate(canvas, mask, request)
-        return PosterResult(image, [], "background", request, timings={"background": time.perf_counter() - started})
+        with Stages("background", ("background",), self.progress) as stages:
+            with stages("background"):
+                canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
+                image = self.generate(canvas, mask, request)
+        return PosterResult(image, [], "background", request, timings=stages.timings)

@@ -6,8 +6,6 @@ top-k, class-wise NMS and the score threshold (inside the sampler), then class n
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from tqdm import tqdm
 
@@ -18,6 +16,7 @@ from ..schedulers.radm import RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
 from .diffusion import family_config, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest, PosterResult
+from .stages import Stages
 
 MODELS = ("radm_backbone", "radm_text_encoder", "radm_head")
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
@@ -78,15 +77,16 @@ class LayoutPipeline:
     """RADM on a given background: the product image itself, fitted into the poster size."""
 
     def __init__(self, backend: Backend, progress: bool = True):
+        self.progress = progress
         self.layout = RADMLayout(backend, progress=progress)
 
     def __call__(self, request: PosterRequest) -> PosterResult:
         request.validate()
-        started = time.perf_counter()
-        background, _ = fit_to_canvas(request.product, None, request.size)
-        elements = self.layout(background, request.texts, request.seed, request.layout_steps)
-        layout_s = time.perf_counter() - started
-        unplaced = assign_texts(elements, request.texts)
-        poster = compose_poster(background, elements, request.logo)
-        return PosterResult(poster, elements, "layout", request, unplaced,
-                            {"layout": layout_s, "compose": time.perf_counter() - started - layout_s})
+        with Stages("layout", ("layout", "compose"), self.progress) as stages:
+            with stages("layout"):
+                background, _ = fit_to_canvas(request.product, None, request.size)
+                elements = self.layout(background, request.texts, request.seed, request.layout_steps)
+            with stages("compose"):
+                unplaced = assign_texts(elements, request.texts)
+                poster = compose_poster(background, elements, request.logo)
+        return PosterResult(poster, elements, "layout", request, unplaced, stages.timings)

@@ -2,10 +2,6 @@
 then draw them (networks.md, "The pipeline users run")."""
 from __future__ import annotations
 
-import time
-
-from tqdm import tqdm
-
 from ..backends.base import Backend
 from ..compose import assign_texts, compose_poster
 from ..errors import InputError
@@ -13,6 +9,7 @@ from ..images import fit_to_canvas
 from .background import BackgroundPipeline
 from .layout import RADMLayout
 from .request import PosterRequest, PosterResult
+from .stages import Stages
 
 STAGES = ("background", "layout", "compose")
 
@@ -28,22 +25,13 @@ class PosterPipeline:
         if request.product_mask is None:
             raise InputError("product_mask: the poster pipeline paints around the product and needs its cutout; "
                              "give a PNG with transparency or --mask")
-        timings = {}
-        with tqdm(total=len(STAGES), desc="poster", unit="stage", disable=not self.progress) as bar:
-            started = time.perf_counter()
-            canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
-            background = self.background.generate(canvas, mask, request)
-            timings["background"] = time.perf_counter() - started
-            bar.update()
-
-            started = time.perf_counter()
-            elements = self.layout(background, request.texts, request.seed, request.layout_steps)
-            timings["layout"] = time.perf_counter() - started
-            bar.update()
-
-            started = time.perf_counter()
-            unplaced = assign_texts(elements, request.texts)
-            poster = compose_poster(background, elements, request.logo)
-            timings["compose"] = time.perf_counter() - started
-            bar.update()
-        return PosterResult(poster, elements, "poster", request, unplaced, timings)
+        with Stages("poster", STAGES, self.progress) as stages:
+            with stages("background"):
+                canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
+                background = self.background.generate(canvas, mask, request)
+            with stages("layout"):
+                elements = self.layout(background, request.texts, request.seed, request.layout_steps)
+            with stages("compose"):
+                unplaced = assign_texts(elements, request.texts)
+                poster = compose_poster(background, elements, request.logo)
+        return PosterResult(poster, elements, "poster", request, unplaced, stages.timings)

@@ -7,8 +7,6 @@ RenderNet reads like diffusers' StableDiffusionControlNetPipeline, with the Cont
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from PIL import Image
 
@@ -21,8 +19,10 @@ from .background import default_steps
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
 from .plan import PlanNetPlanner
 from .request import LayoutElement, PosterRequest, PosterResult
+from .stages import Stages
 
 MODELS = ("clip_text_encoder", "render_condition", "render_unet", "vae_decoder")
+STAGES = ("plan", "render", "compose")
 
 
 class RenderPipeline:
@@ -40,22 +40,17 @@ class RenderPipeline:
         if request.product_mask is None:
             raise InputError("product_mask: the render pipeline places the product cutout into its planned box; "
                              "give a PNG with transparency or --mask")
-        timings, started = {}, time.perf_counter()
-        # 1. plan: PlanNet lays out the product and the other elements
-        elements = self.planner(request)
-        timings["plan"] = time.perf_counter() - started
-        # 2. place the product cutout into its planned box
-        canvas, product_mask, product_box = place_product(request.product, request.product_mask, elements, request.size)
-        # 3. render the poster image around it
-        started = time.perf_counter()
-        image = self.render(canvas, product_mask, product_box, elements, request)
-        timings["render"] = time.perf_counter() - started
-        # 4. texts into their boxes
-        started = time.perf_counter()
-        unplaced = assign_texts(elements, request.texts)
-        poster = compose_poster(image, elements, request.logo)
-        timings["compose"] = time.perf_counter() - started
-        return PosterResult(poster, elements, "render", request, unplaced, timings)
+        with Stages("render", STAGES, self.progress) as stages:
+            with stages("plan"):  # PlanNet lays out the product and the other elements
+                elements = self.planner(request)
+            with stages("render"):  # the product cutout into its planned box, the poster image around it
+                canvas, product_mask, product_box = place_product(request.product, request.product_mask, elements,
+                                                                  request.size)
+                image = self.render(canvas, product_mask, product_box, elements, request)
+            with stages("compose"):  # texts into their boxes
+                unplaced = assign_texts(elements, request.texts)
+                poster = compose_poster(image, elements, request.logo)
+        return PosterResult(poster, elements, "render", request, unplaced, stages.timings)
 
     def render(self, canvas, product_mask, product_box, elements, request) -> np.ndarray:
         guidance, rng = request.guidance, stage_rng(request.seed, "render")
