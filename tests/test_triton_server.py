@@ -266,6 +266,19 @@ def test_two_servers_one_stopped_mid_run_loses_no_request(server, single_repo, b
         assert_close(got, want, f"request {i}")
 
 
+def test_missing_wheel_is_one_clear_error(monkeypatch, repo):
+    import importlib.util
+
+    from posterrt.runtime.triton import server as server_module
+
+    distribution = server_module.find_tritonserver()  # the installed wheel has every piece
+    assert distribution.binary.is_file() and distribution.stub.is_file()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
+    with pytest.raises(BackendError, match=r"nvidia-pytriton wheel is not installed \(pip install 'posterrt\[serve\]'\)"):
+        TritonServer(repo, log=None).start()
+
+
 def test_server_start_errors(repo, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         TritonServer(tmp_path / "nowhere")
@@ -295,7 +308,7 @@ def test_serve_command_runs_until_sigterm(single_repo):
     http, grpc, metrics = free_ports(3)
     process = subprocess.Popen(
         [sys.executable, "-m", "posterrt.runtime.cli", "serve", "--repo", str(single_repo), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--model-control", "explicit"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         banner = process.stdout.readline()  # printed once every model is ready
@@ -304,6 +317,8 @@ def test_serve_command_runs_until_sigterm(single_repo):
 
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
         assert client.is_model_ready("plannet_denoiser")
+        client.unload_model("plannet_denoiser")  # explicit mode: the repository API is open
+        assert not client.is_model_ready("plannet_denoiser")
         client.close()
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
