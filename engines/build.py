@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from posterrt.runtime.bundle import Bundle
-from posterrt.runtime.contracts import DimRange
+from posterrt.runtime.contracts import MODEL_NAMES
 from posterrt.runtime.errors import InputError, PosterRTError
 
 from .cleanup import prepare_onnx
@@ -139,9 +139,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def build_engines(bundle_dir, out_dir, models: list[str], options: BuildOptions, progress: bool = True) -> dict:
+def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildOptions, progress: bool = True) -> dict:
+    """Build ``models`` (None: every model of the bundle); returns the engines manifest."""
     trt = import_tensorrt()  # first: without TensorRT nothing else is worth doing
     bundle = Bundle(bundle_dir)
+    models = [m for m in MODEL_NAMES if m in bundle.models] if models is None else models
     bundle.require(models)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def build_engines(bundle_dir, out_dir, models: list[str], options: BuildOptions,
     cache_path = Path(options.timing_cache) if options.timing_cache else out / "timing.cache"
     options.timing_cache = cache_path
     timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
-    manifest = None
+    manifest = {"engines": {}}
     bar = tqdm(models, desc="engines", unit="model", disable=not progress)
     for model in bar:
         bar.set_postfix_str(model)

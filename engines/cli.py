@@ -32,7 +32,7 @@ def add_arguments(parser):
     build.add_argument("--out", required=True, type=Path, help="engines folder (plans, build logs, manifest.json)")
     build.add_argument("--precision", default="fp16", choices=PRECISIONS)
     build.add_argument("--shapes", help="narrow profile ranges: height=512:768:1024,cfg_batch=2:2:4 (NAME=SIZE fixes one)")
-    build.add_argument("--models", help="comma-separated served models (default: all in the bundle's contracts)")
+    build.add_argument("--models", help="comma-separated served models (default: every model in the bundle)")
     build.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5 (default 3)")
     build.add_argument("--workspace-gb", type=float, default=8.0, help="builder workspace memory pool in GiB (default 8)")
     build.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated (default OUT/timing.cache)")
@@ -67,9 +67,9 @@ def _build(args) -> int:
     options = BuildOptions(precision=args.precision, opt_level=args.opt_level, workspace_gb=args.workspace_gb,
                            timing_cache=args.timing_cache, refittable=_refittable(args.refittable),
                            shapes=parse_shapes(args.shapes), clean_tool=args.clean_tool)
-    models = _models(args.models)
+    models = _models(args.models) if args.models else None  # None: every model of the bundle
     manifest = build_engines(args.bundle, args.out, models, options, progress=not args.quiet)
-    for name in models:
+    for name in models or [m for m in MODEL_NAMES if m in manifest["engines"]]:
         entry = manifest["engines"][name]
         print(f"{name:18s} {entry['precision']}  {entry['build_seconds']:7.1f}s  {args.out / entry['plan']}")
     return 0

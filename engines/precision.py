@@ -89,50 +89,59 @@ def fp32_node_names(model: onnx.ModelProto, model_name: str = "") -> list[str]:
 
 
 def convert_precision(model: onnx.ModelProto, precision: str, model_name: str = "") -> onnx.ModelProto:
-    """The model with float tensors in ``precision`` except the fp32 islands; I/O stays fp32."""
+    """The model with float tensors in ``precision`` except the fp32 islands; I/O stays fp32.
+
+    Converts in place (a paper-size UNet is GBs; no copy is made): the caller's ``model`` is
+    consumed. Only what the repair and the bf16 re-rounding need is kept aside first."""
     check_precision(precision)
     if precision == "fp32":
         return model
     from onnxruntime.transformers import float16
 
-    keep = fp32_node_names(model, model_name)
+    keep = set(fp32_node_names(model, model_name))
+    kept_inputs = {name for node in model.graph.node if node.name in keep for name in node.input}
+    island_constants = _float_constants(model, kept_inputs)
+    bf16_weights = _float_constants(model, None, as_bf16=True) if precision == "bf16" else None
+    disable_shape_infer = _too_big_for_shape_inference(model)
     converted = float16.convert_float_to_float16(
-        copy_model(model), keep_io_types=True, max_finite_val=FP16_MAX_CONSTANT,
-        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST), node_block_list=keep,
-        disable_shape_infer=_too_big_for_shape_inference(model))
-    _repair_round_trips(converted, model, set(keep))
+        model, keep_io_types=True, max_finite_val=FP16_MAX_CONSTANT,
+        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST), node_block_list=sorted(keep),
+        disable_shape_infer=disable_shape_infer)
+    _repair_round_trips(converted, island_constants, keep)
     if precision == "bf16":
-        converted = _retype_fp16_as_bf16(converted, model)
+        _retype_fp16_as_bf16(converted, bf16_weights)
     return converted
 
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    duplicate = onnx.ModelProto()
-    duplicate.CopyFrom(model)
-    return duplicate
-
-
-def _original_float_constants(model: onnx.ModelProto) -> dict:
-    """fp32 values of the source model's initializers and Constant nodes, by tensor name."""
+def _float_constants(model: onnx.ModelProto, names: set | None, as_bf16: bool = False) -> dict:
+    """fp32 values (or their bf16 rounding) of float initializers and Constant nodes, by tensor
+    name; only those in ``names`` unless it is None."""
     from onnx import numpy_helper
 
-    values = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.t.data_type == onnx.TensorProto.FLOAT:
-                    values[node.output[0]] = attribute.t
-    return {name: numpy_helper.to_array(tensor) for name, tensor in values.items()}
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    tensors += [(node.output[0], attribute.t) for node in model.graph.node if node.op_type == "Constant"
+                for attribute in node.attribute if attribute.name == "value"]
+    values = {}
+    for name, tensor in tensors:
+        if tensor.data_type == onnx.TensorProto.FLOAT and (names is None or name in names):
+            array = numpy_helper.to_array(tensor)
+            values[name] = _to_bf16(array) if as_bf16 else array
+    return values
 
 
-def _repair_round_trips(converted: onnx.ModelProto, original: onnx.ModelProto, keep: set[str]) -> None:
+def _to_bf16(array):
+    import ml_dtypes  # a dependency of onnx itself
+
+    return array.astype(ml_dtypes.bfloat16)
+
+
+def _repair_round_trips(converted: onnx.ModelProto, originals: dict, keep: set[str]) -> None:
     """Give the fp32 islands their fp32 inputs back (see the module docstring); in place."""
     from onnx import numpy_helper
 
     FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     graph = converted.graph
     producer = {output: node for node in graph.node for output in node.output}
-    originals = _original_float_constants(original)
     fp32_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == FLOAT}
 
     def cast_to(node):
@@ -206,35 +215,33 @@ def _too_big_for_shape_inference(model: onnx.ModelProto) -> bool:
     return model.ByteSize() > (2 << 30) - (64 << 20)
 
 
-def _retype_fp16_as_bf16(converted: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn the fp16 graph into a bf16 one: same structure and fp32 islands, every FLOAT16 becomes
-    BFLOAT16, and each weight is re-rounded from its fp32 original (not from the fp16 copy)."""
+def _retype_fp16_as_bf16(converted: onnx.ModelProto, bf16_weights: dict) -> None:
+    """Turn the fp16 graph into a bf16 one, in place: same structure and fp32 islands, every FLOAT16
+    becomes BFLOAT16, and each weight is the bf16 rounding of its fp32 original (not of the fp16 copy)."""
     import numpy as np
     from onnx import numpy_helper
 
     FP16, BF16 = onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
-    originals = {t.name: t for t in original.graph.initializer}
     for index, tensor in enumerate(converted.graph.initializer):
-        if tensor.data_type != FP16:
-            continue
-        source = originals.get(tensor.name)
-        values = numpy_helper.to_array(source) if source is not None else numpy_helper.to_array(tensor)
-        converted.graph.initializer[index].CopyFrom(_bf16_tensor(np.asarray(values, np.float32), tensor.name))
+        if tensor.data_type == FP16:
+            values = bf16_weights.get(tensor.name)
+            if values is None:
+                values = _to_bf16(numpy_helper.to_array(tensor).astype(np.float32))
+            converted.graph.initializer[index].CopyFrom(_bf16_tensor(values, tensor.name))
     for node in converted.graph.node:
         for attribute in node.attribute:
             if attribute.name == "to" and attribute.i == FP16:
                 attribute.i = BF16
             if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == FP16:
-                values = numpy_helper.to_array(attribute.t).astype(np.float32)
+                values = bf16_weights.get(node.output[0])
+                if values is None:
+                    values = _to_bf16(numpy_helper.to_array(attribute.t).astype(np.float32))
                 attribute.t.CopyFrom(_bf16_tensor(values, attribute.t.name))
     for value in list(converted.graph.value_info) + list(converted.graph.input) + list(converted.graph.output):
         if value.type.tensor_type.elem_type == FP16:
             value.type.tensor_type.elem_type = BF16
-    return converted
 
 
 def _bf16_tensor(values, name: str) -> onnx.TensorProto:
-    import ml_dtypes  # a dependency of onnx itself
-
     return onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, values.shape,
-                                   values.astype(ml_dtypes.bfloat16).view("uint16").tobytes(), raw=True)
+                                   values.view("uint16").tobytes(), raw=True)

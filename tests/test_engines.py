@@ -274,7 +274,7 @@ def test_bf16_keeps_structure_and_rounds_weights_from_fp32(trap_onnx):
 
     model = onnx.load(str(trap_onnx))
     fp16 = convert_precision(onnx.load(str(trap_onnx)), "fp16")
-    bf16 = convert_precision(model, "bf16")
+    bf16 = convert_precision(onnx.load(str(trap_onnx)), "bf16")
     assert [n.op_type for n in bf16.graph.node] == [n.op_type for n in fp16.graph.node]
     types_ = {t.data_type for t in bf16.graph.initializer}
     assert onnx.TensorProto.FLOAT16 not in types_ and onnx.TensorProto.BFLOAT16 in types_
@@ -674,3 +674,20 @@ def test_gpu_check_on_a_gpu():
     assert row["torch_fp16_vs_fp32"]["passed"], row
     if "tensorrt" in row:
         assert row["tensorrt"]["trt_fp16_vs_torch_fp32"]["passed"], row
+
+
+def test_build_command_end_to_end_with_the_stand_in(fake_trt, bundle, tmp_path, capsys):
+    from posterrt.runtime.cli import main
+
+    out = tmp_path / "engines"
+    code = main(["engines", "build", "--bundle", str(bundle), "--out", str(out), "--models", "vae_decoder",
+                 "--precision", "fp32", "--shapes", "height=512,width=512:768:1024,batch=1:1:2", "--quiet"])
+    assert code == 0
+    assert "vae_decoder" in capsys.readouterr().out
+    (config,) = fake_trt.calls["configs"]
+    assert config.profiles[0].shapes["latent"] == ([1, 4, 64, 64], [1, 4, 64, 96], [2, 4, 64, 128])
+    entry = read_manifest(out)["engines"]["vae_decoder"]
+    assert entry["precision"] == "fp32" and not entry["build_options"]["refittable"]
+    assert main(["engines", "build", "--bundle", str(bundle), "--out", str(out), "--shapes", "height=100"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --shapes: 'height=100' leaves the contract range of 'height' " \
+                                              "(256..1024); requests are validated against it"
