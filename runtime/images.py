@@ -114,6 +114,15 @@ def fit_to_canvas(rgb: np.ndarray, mask: np.ndarray | None, size: tuple[int, int
     return np.asarray(canvas), np.asarray(mask_canvas, dtype=np.float32) / 255.0
 
 
+def flatten(rgb: np.ndarray, mask: np.ndarray | None, fill: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """The cutout over a flat ``fill``: what a transparent PNG looks like in a viewer. Transparent
+    pixels often hold arbitrary (often black) RGB, which must not reach a model as content."""
+    if mask is None:
+        return rgb
+    alpha = mask[..., None]
+    return np.round(alpha * rgb + (1.0 - alpha) * np.asarray(fill, dtype=np.float32)).astype(np.uint8)
+
+
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize RGB uint8 to ``(width, height)`` (aspect not kept: encoders take square inputs)."""
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))

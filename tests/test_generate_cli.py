@@ -201,3 +201,28 @@ def test_demo_runs_on_an_existing_bundle(bundle, tmp_path, capsys):
     assert code == 0, captured.err
     assert (tmp_path / "demo" / "poster.png").is_file() and (tmp_path / "demo" / "poster.json").is_file()
     assert "poster:" in captured.out and "exporting" not in captured.out
+
+
+def test_demo_on_a_fresh_machine_exports_the_tiny_bundle_first(bundle, tmp_path, capsys, monkeypatch):
+    """The export itself is the session's tiny bundle, copied: this checks the demo's wiring (what it
+    asks export_bundle for, and that it then uses the result) without a second two-minute export."""
+    import shutil
+
+    import posterrt.export.bundle_writer as bundle_writer
+    from posterrt.runtime.contracts import MODEL_NAMES
+
+    calls = []
+
+    def fake_export(preset, models, out, progress=True):
+        calls.append((preset, list(models)))
+        shutil.copytree(bundle, out)
+
+    monkeypatch.setattr(bundle_writer, "export_bundle", fake_export)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("POSTERRT_BUNDLE", raising=False)
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--size", "256x256", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert calls == [("tiny", list(MODEL_NAMES))]
+    assert (tmp_path / "cache" / "posterrt" / "bundles" / "tiny" / MANIFEST).is_file()
+    assert (tmp_path / "demo" / "poster.png").is_file() and "exporting the tiny bundle" in captured.out

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..compose import assign_texts, compose_poster
-from ..images import fit_to_canvas
+from ..images import fit_to_canvas, flatten
 from ..schedulers.radm import RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
 from .diffusion import family_config, stage_rng, to_chw
@@ -74,7 +74,7 @@ class RADMLayout:
 
 
 class LayoutPipeline:
-    """RADM on a given background: the product image itself, fitted into the poster size."""
+    """RADM on a given background: the product image itself, fitted into the poster size (white margins)."""
 
     def __init__(self, backend: Backend, progress: bool = True):
         self.progress = progress
@@ -84,7 +84,8 @@ class LayoutPipeline:
         request.validate()
         with Stages("layout", ("layout", "compose"), self.progress) as stages:
             with stages("layout"):
-                background, _ = fit_to_canvas(request.product, None, request.size)
+                # a cutout (alpha or --mask) is shown on white, as an image viewer shows it
+                background, _ = fit_to_canvas(flatten(request.product, request.product_mask), None, request.size)
                 elements = self.layout(background, request.texts, request.seed, request.layout_steps)
             with stages("compose"):
                 unplaced = assign_texts(elements, request.texts)

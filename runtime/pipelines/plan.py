@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..backends.base import Backend
-from ..images import fit_to_canvas, resize_rgb
+from ..images import fit_to_canvas, flatten, resize_rgb
 from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from ..text import encode_lines, load_tokenizer
 from .diffusion import family_config, stage_rng, to_chw
@@ -58,10 +58,7 @@ class PlanNetPlanner:
     def product_pixels(self, request: PosterRequest) -> np.ndarray:
         """The product cutout on white, fitted into the encoder's square, RGB 0..1 [1, 3, S, S]."""
         side = self.backend.contract("plannet_encoder").input("image").shape[2]
-        rgb = request.product
-        if request.product_mask is not None:
-            alpha = request.product_mask[..., None]
-            rgb = np.round(alpha * rgb + (1.0 - alpha) * 255.0).astype(np.uint8)
+        rgb = flatten(request.product, request.product_mask)
         square, _ = fit_to_canvas(rgb, None, (max(rgb.shape[:2]),) * 2)
         return to_chw(resize_rgb(square, (side, side)), 0.0, 1.0)
 
