@@ -166,7 +166,8 @@ def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildO
             with tempfile.TemporaryDirectory(prefix=f"posterrt-{model}-", dir=out) as work:
                 prepared = Path(work) / f"{model}.onnx"
                 report = prepare_onnx(bundle.model_path(model), prepared, model_name=model,
-                                      precision=options.precision, tool=options.clean_tool)
+                                      precision=options.precision, tool=options.clean_tool,
+                                      refittable=model in options.refittable)
                 logger.log(trt.ILogger.Severity.INFO, f"prepared ONNX: {report}")
                 plan, timing_cache = build_plan(
                     trt, prepared, profile, precision=options.precision, opt_level=options.opt_level,
@@ -181,6 +182,7 @@ def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildO
             ranges=profile_ranges(contract, options.shapes), gpu=gpu, tensorrt_version=trt.__version__,
             source_onnx_sha256=bundle.models[model].sha256, bundle=str(Path(bundle_dir).resolve()),
             build_options=options.record(model), build_seconds=time.perf_counter() - started)
-        entry["onnx_prepare"] = {k: report[k] for k in ("tool", "nodes_before", "nodes_after", "fp32_nodes")}
+        entry["onnx_prepare"] = {k: report[k] for k in ("tool", "skipped_optimizations", "nodes_before",
+                                                          "nodes_after", "fp32_nodes")}
         manifest = update_entry(out, model, entry)
     return manifest

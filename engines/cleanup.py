@@ -7,9 +7,11 @@ parser a smaller graph with known ranks. onnxslim does this in one pass. Without
 inference plus ONNX Runtime's offline *basic* optimizations (constant folding and redundant-node
 removal, which emit standard ONNX ops only) do most of the same.
 
-Weight tying (merging initializers with equal values) is skipped on purpose: it depends on weight
-values, so a refit ONNX with other weights could get another graph than the engine was built
-from, and the refitter maps weights by name.
+Refit needs the graph of the new weights to be the graph the engine was built from (the refitter
+maps weights by name), so optimizations whose result depends on weight *values* are skipped:
+weight tying (merging equal initializers) always, and for refittable models also dead-node
+elimination (it drops ``Add`` of an all-zero bias, ``Mul`` by all ones: a fresh adapter's zero
+weights would vanish from the engine) and common-subexpression elimination (it compares constants).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .precision import check_precision, convert_precision, fp32_node_names
 
 TOOLS = ("auto", "onnxslim", "onnxruntime")
 SKIPPED_OPTIMIZATIONS = ("weight_tying",)
+SKIPPED_WHEN_REFITTABLE = ("weight_tying", "dead_node_elimination", "subexpression_elimination")
 PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # a ModelProto must serialize below 2 GB; keep a margin
 
 #: Clean-up must not change the numbers beyond fp32 reassociation (folded constants, fused Conv+BN).
@@ -61,7 +64,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
     return [data_name]
 
 
-def clean_model(model: onnx.ModelProto, tool: str = "auto") -> tuple[onnx.ModelProto, str]:
+def clean_model(model: onnx.ModelProto, tool: str = "auto", refittable: bool = False) -> tuple[onnx.ModelProto, str]:
     """The cleaned model and the tool that cleaned it."""
     if tool not in TOOLS:
         raise ValueError(f"unknown clean-up tool {tool!r}")
@@ -72,7 +75,8 @@ def clean_model(model: onnx.ModelProto, tool: str = "auto") -> tuple[onnx.ModelP
             if tool == "onnxslim":
                 raise BundleError("onnxslim is not installed (pip install onnxslim)") from None
         else:
-            slimmed = onnxslim.slim(model, skip_optimizations=list(SKIPPED_OPTIMIZATIONS))
+            skipped = SKIPPED_WHEN_REFITTABLE if refittable else SKIPPED_OPTIMIZATIONS
+            slimmed = onnxslim.slim(model, skip_optimizations=list(skipped))
             if slimmed is None:
                 raise ParityError("onnxslim could not clean the model (its own check failed)")
             return slimmed, f"onnxslim {onnxslim.__version__}"
@@ -96,7 +100,7 @@ def _clean_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare_onnx(source: str | os.PathLike, target: str | os.PathLike, *, model_name: str,
-                 precision: str = "fp32", tool: str = "auto") -> dict:
+                 precision: str = "fp32", tool: str = "auto", refittable: bool = False) -> dict:
     """Clean ``source``, apply the precision policy, write ``target``. Returns a report for manifests.
 
     This is what the TensorRT build, the refit and the gpu-onnx flavor of the Triton repository
@@ -106,13 +110,14 @@ def prepare_onnx(source: str | os.PathLike, target: str | os.PathLike, *, model_
     started = time.perf_counter()
     original = load_onnx(source)
     nodes_before = len(original.graph.node)
-    cleaned, used_tool = clean_model(original, tool)
+    cleaned, used_tool = clean_model(original, tool, refittable)
     del original
     fp32_nodes = fp32_node_names(cleaned, model_name) if precision != "fp32" else []
     converted = convert_precision(cleaned, precision, model_name)
     data_files = save_onnx(converted, target)
     return {"source": str(source), "file": Path(target).name, "data_files": data_files, "tool": used_tool,
-            "skipped_optimizations": list(SKIPPED_OPTIMIZATIONS), "precision": precision,
+            "skipped_optimizations": list(SKIPPED_WHEN_REFITTABLE if refittable else SKIPPED_OPTIMIZATIONS),
+            "refittable": refittable, "precision": precision,
             "nodes_before": nodes_before, "nodes_after": len(converted.graph.node),
             "fp32_nodes": len(fp32_nodes), "seconds": round(time.perf_counter() - started, 2)}
 

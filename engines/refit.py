@@ -32,7 +32,8 @@ def refit_weights(trt, engine, onnx_path: Path, logger) -> int:
     refitter = trt.Refitter(engine, logger)
     parser_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not parser_refitter.refit_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+        count = getattr(parser_refitter, "num_errors", 0)
+        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(count)) or "no details"
         raise EngineError(f"the ONNX {onnx_path.name} does not fit the engine's weights: {errors} "
                           f"(was it exported from another graph? a refit only changes weights)")
     missing = list(refitter.get_missing_weights())
@@ -65,7 +66,7 @@ def refit_engine(plan_path, onnx_path) -> dict:
         with tempfile.TemporaryDirectory(prefix=f"posterrt-refit-{model}-", dir=plan.parent) as work:
             prepared = Path(work) / f"{model}.onnx"
             prepare_onnx(onnx_path, prepared, model_name=model, precision=entry["precision"],
-                         tool=entry["build_options"].get("clean_tool", "auto"))
+                         tool=entry["build_options"].get("clean_tool", "auto"), refittable=True)
             engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
             if engine is None:
                 raise EngineError(f"TensorRT could not load {plan}; rebuild it")

@@ -326,6 +326,40 @@ def test_clean_up_fallback_without_onnxslim(bundle, tmp_path):
     assert compare_onnx(source, tmp_path / "clean.onnx", Bundle(bundle).contract("vae_decoder"), rtol=CLEAN_RTOL)["passed"]
 
 
+def _adapter_graph(path: Path, fresh: bool) -> Path:
+    """y = (x @ W + B) * G: a fresh adapter has B = 0 and G = 1, a trained one other values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {"W": rng.standard_normal((8, 8)), "B": np.zeros(8) if fresh else rng.standard_normal(8),
+               "G": np.ones(8) if fresh else rng.standard_normal(8)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="matmul"), helper.make_node("Add", ["h", "B"], ["b"], name="bias"),
+         helper.make_node("Mul", ["b", "G"], ["y"], name="gain")], "adapter",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _structure(path):
+    model = onnx.load(str(path))
+    return [n.op_type for n in model.graph.node], sorted(t.name for t in model.graph.initializer)
+
+
+def test_refittable_clean_up_keeps_the_graph_whatever_the_weights(tmp_path):
+    fresh, trained = _adapter_graph(tmp_path / "fresh.onnx", True), _adapter_graph(tmp_path / "trained.onnx", False)
+    for name, refittable in (("plain", False), ("refit", True)):
+        prepare_onnx(fresh, tmp_path / f"{name}-fresh.onnx", model_name="bg_unet", refittable=refittable)
+        prepare_onnx(trained, tmp_path / f"{name}-trained.onnx", model_name="bg_unet", refittable=refittable)
+    # plain clean-up drops the zero bias and the unit gain of the fresh adapter...
+    assert _structure(tmp_path / "plain-fresh.onnx") != _structure(tmp_path / "plain-trained.onnx")
+    # ...a refittable one keeps every weight, so trained weights can be refitted by name later
+    assert _structure(tmp_path / "refit-fresh.onnx") == _structure(tmp_path / "refit-trained.onnx")
+    assert _structure(tmp_path / "refit-fresh.onnx")[1] == ["B", "G", "W"]
+
+
 def test_vae_decoder_mid_block_attention_stays_fp32(bundle):
     from posterrt.runtime.bundle import Bundle
 
@@ -554,7 +588,9 @@ def test_build_passes_profile_precision_and_options(built, bundle):
     assert entry["gpu"]["compute_capability"] == "9.0" and entry["tensorrt_version"] == "10.9.0.34"
     assert entry["ranges"]["height"] == {"min": 512, "opt": 512, "max": 768}
     assert entry["build_options"]["refittable"] and entry["build_options"]["opt_level"] == 5
-    assert read_manifest(out)["engines"]["vae_decoder"]["precision"] == "fp16"
+    assert "dead_node_elimination" in entry["onnx_prepare"]["skipped_optimizations"]  # refit-safe clean-up
+    vae_entry = read_manifest(out)["engines"]["vae_decoder"]
+    assert vae_entry["precision"] == "fp16" and vae_entry["onnx_prepare"]["skipped_optimizations"] == ["weight_tying"]
     assert (out / "timing.cache").read_bytes() == b"++"  # one cache, carried from model to model
     assert not [p for p in out.iterdir() if p.name.startswith("posterrt-")]  # work folders removed
 
