@@ -125,3 +125,16 @@ def check_engine_compatible(entry: dict, current_gpu: GpuInfo, current_trt: str,
     if source_onnx_sha256 is not None and entry.get("source_onnx_sha256") != source_onnx_sha256:
         raise EngineError(f"engine {model!r} was built from an ONNX with sha256 {str(entry.get('source_onnx_sha256'))[:12]}..., "
                           f"the bundle now holds {source_onnx_sha256[:12]}... (exported again?); {rebuild}")
+
+
+def checked_plan(folder: str | os.PathLike, model: str, current_gpu: GpuInfo, current_trt: str,
+                 source_onnx_sha256: str | None = None) -> Path:
+    """The plan of ``model`` in an engines folder, after the compatibility checks (for the gpu-trt
+    flavor of the Triton repository: call it on the serving machine before copying the plan)."""
+    entry = get_entry(read_manifest(folder), model, folder)
+    check_engine_compatible(entry, current_gpu, current_trt, source_onnx_sha256)
+    plan = Path(folder) / entry["plan"]
+    if not plan.is_file():
+        raise EngineError(f"engines folder {folder}: plan {entry['plan']} of {model!r} is missing; "
+                          f"rebuild it: posterrt engines build --models {model}")
+    return plan

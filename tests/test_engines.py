@@ -183,6 +183,18 @@ def test_manifest_round_trip(tmp_path):
         read_manifest(tmp_path)
 
 
+def test_checked_plan_for_the_repository_builder(tmp_path):
+    from posterrt.engines.manifest import checked_plan
+
+    update_entry(tmp_path, "bg_unet", _entry())
+    with pytest.raises(EngineError, match="plan bg_unet.plan of 'bg_unet' is missing"):
+        checked_plan(tmp_path, "bg_unet", H100, "10.9.0.34")
+    (tmp_path / "bg_unet.plan").write_bytes(b"plan")
+    assert checked_plan(tmp_path, "bg_unet", H100, "10.9.0.34", "ab" * 32) == tmp_path / "bg_unet.plan"
+    with pytest.raises(EngineError, match="TensorRT 10.9.0.34, this is TensorRT 11.4.0.106"):
+        checked_plan(tmp_path, "bg_unet", H100, "11.4.0.106")
+
+
 def test_compatible_engine_passes():
     check_engine_compatible(_entry(), H100, "10.9.0.34", source_onnx_sha256="ab" * 32)
     check_engine_compatible(_entry(), H100, "10.9.0.34")  # no bundle at hand: hash not checked
