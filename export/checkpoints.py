@@ -23,7 +23,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt or truncated files raise many library-specific types
-        raise CheckpointError(f"checkpoint {path} cannot be read: {type(error).__name__}: {error}") from None
+        # One line: unpickling refusals carry multi-line advice that names torch internals.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(error).__name__}: {first_line}") from None
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
