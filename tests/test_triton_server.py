@@ -26,7 +26,6 @@ from posterrt.runtime.backends.triton import TritonBackend
 from posterrt.runtime.bundle import Bundle
 from posterrt.runtime.errors import BackendError, ContractError, InputError
 from posterrt.runtime.samples import default_sizes, sample_inputs
-from posterrt.runtime.triton.model_config import ServingOptions
 from posterrt.runtime.triton.repository import build_repository, write_client_bundle
 from posterrt.runtime.triton.server import TritonServer
 
