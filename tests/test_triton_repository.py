@@ -200,7 +200,7 @@ def test_gpu_trt_follows_the_engines_manifest(small_bundle, tmp_path):
     for name in bundle.models:
         (engines / f"{name}.plan").write_bytes(b"engine")
     records = {
-        "plannet_denoiser": {"ranges": {"batch": {"min": 1, "opt": 1, "max": 2}},
+        "plannet_denoiser": {"plan": "plannet_denoiser.plan", "ranges": {"batch": {"min": 1, "opt": 1, "max": 2}},
                              "source_onnx_sha256": bundle.models["plannet_denoiser"].sha256},
         "plannet_encoder": {"source_onnx_sha256": "f" * 64},
     }

@@ -119,7 +119,11 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
             document = contract_document(contract, entry.static_dims)
             (version / CONTRACT_FILE).write_text(json.dumps(document, indent=2))
         return ModelReport(name, folder, True)
-    plan = find_plan(engines, name) if engines else None
+    if record.get("plan"):  # the engines manifest names the file; otherwise look for the usual names
+        plan = confined_path(engines, record["plan"], f"engine of {name!r}")
+        plan = plan if plan.is_file() else None
+    else:
+        plan = find_plan(engines, name) if engines else None
     source = record.get("source_onnx_sha256")
     if plan is not None and source and source != entry.sha256:
         return ModelReport(name, folder, False, f"the plan {plan} was built from another export of {name} "
