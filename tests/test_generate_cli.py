@@ -121,6 +121,14 @@ def test_bad_backend_choice_is_one_line_and_exit_2(inputs, tmp_path, capsys, ext
         assert word in err
 
 
+def test_no_bundle_anywhere_points_to_the_demo(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("POSTERRT_BUNDLE", raising=False)
+    code = main(["generate", "--product", str(inputs / "product.png"), "--out", str(tmp_path / "poster.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "posterrt demo" in err and len(err.strip().splitlines()) == 1
+
+
 def test_out_must_be_a_png(inputs, tmp_path, capsys):
     code = main(["generate", "--product", str(inputs / "product.png"), "--bundle", str(inputs / "empty_bundle"),
                  "--out", str(tmp_path / "poster.jpg")])

@@ -176,6 +176,11 @@ def test_layout_without_texts_still_runs(backends, product):
     assert result.unplaced_texts == [] and all(e.text is None for e in result.elements)
 
 
+def test_plannet_levels_bound_the_layout_steps(backends, product):
+    with pytest.raises(InputError, match="--layout-steps: got 150, PlanNet has 100"):
+        build_pipeline("render", backends["onnxruntime"], progress=False)(_request(product, layout_steps=150))
+
+
 def test_request_checks_name_the_field(product):
     with pytest.raises(InputError, match="--steps"):
         _request(product, steps=0).validate()

@@ -129,6 +129,9 @@ def run(args) -> int:
 
     request = build_request(args)
     threads = parse_int(args.threads, "--threads", 1, 256)
+    if args.bundle is None and not default_bundle_dir().is_dir():
+        raise InputError(f"--bundle: not given, and no bundle at the default {default_bundle_dir()}; run "
+                         f"`posterrt demo` once to build the tiny one there, or pass --bundle DIR")
     bundle = Bundle(args.bundle or default_bundle_dir())
     with make_backend(bundle, args.backend, threads) as backend:
         pipeline = build_pipeline(args.pipeline, backend, progress=not args.quiet)

@@ -7,7 +7,7 @@ request gives the same output and changing one stage's step count leaves the oth
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -65,22 +65,19 @@ def initial_latents(shape: tuple[int, ...], scheduler, rng: np.random.Generator)
 
 
 def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps: int, guidance: float,
-            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True,
-            on_step: Callable[[int], None] | None = None) -> np.ndarray:
+            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True) -> np.ndarray:
     """The sampling loop: per step, only the noisy latents and the timestep change.
 
     ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
     (outside this loop): text embeddings, masked-image latents, control embedding, scales.
     """
     scheduler.set_timesteps(steps)
-    for index, t in enumerate(tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress)):
+    for t in tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress):
         per_step = batch_for_guidance(guidance, shared={"sample": scheduler.scale_model_input(latents, t)})
         batch = per_step["sample"].shape[0]
         noise = backend.run(model, {**step_invariant, **per_step,
                                     "timestep": np.full(batch, t, dtype=np.float32)})["noise_pred"]
         latents = scheduler.step(combine_guidance(noise, guidance), t, latents, generator=rng)
-        if on_step is not None:
-            on_step(index)
     return latents
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..backends.base import Backend
+from ..errors import InputError
 from ..images import fit_to_canvas, flatten, resize_rgb
 from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from ..text import encode_lines, load_tokenizer
@@ -31,6 +32,10 @@ class PlanNetPlanner:
 
     def __call__(self, request: PosterRequest) -> list[LayoutElement]:
         width, height = request.size
+        levels = self.sampler.config.num_timesteps
+        if request.layout_steps is not None and request.layout_steps > levels:
+            raise InputError(f"--layout-steps: got {request.layout_steps}, PlanNet has {levels} diffusion levels; "
+                             f"expected 1..{levels}")
         # -- prologue: once per request --------------------------------------------------------
         memory = self.backend.run("plannet_encoder", {"image": self.product_pixels(request), **self.encode_texts(request.texts)})
         # The product is always part of the plan: element 0 is fixed to the product class, and the
