@@ -30,17 +30,59 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, list]:
     return table
 
 
-def count_flops(onnx_path: str | Path, input_shapes: Mapping[str, tuple]) -> dict:
-    """``{"total": flops, "by_op": {...}, "unknown_nodes": n}`` for one call at ``input_shapes``."""
+COUNTED = ("MatMul", "Gemm", "Conv")
+
+
+def _inferred_shapes(onnx_path, input_shapes) -> tuple[onnx.ModelProto, dict]:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     _fix_input_shapes(model, input_shapes)
     inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    shapes = _shape_table(inferred)
-    by_op = {"MatMul": 0, "Gemm": 0, "Conv": 0}
+    return inferred, _shape_table(inferred)
+
+
+def _executed_shapes(onnx_path, inputs: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, dict]:
+    """Shapes seen by running the graph once with the counted nodes' operands exposed as outputs:
+    for graphs whose shape arithmetic static inference cannot follow (RoiAlign chains, gathers)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    initializers = {t.name: list(t.dims) for t in model.graph.initializer}
+    present = {o.name for o in model.graph.output}
+    wanted = []
+    for node in model.graph.node:
+        if node.op_type in COUNTED:
+            wanted += [n for n in list(node.input[:2]) + [node.output[0]] if n and n not in initializers and n not in present]
+    for name in dict.fromkeys(wanted):
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, dict(inputs))
+    shapes = dict(initializers)
+    shapes.update({name: list(value.shape) for name, value in zip(names, values)})
+    return model, shapes
+
+
+def count_flops(onnx_path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict:
+    """``{"total": flops, "by_op": {...}, "unknown_nodes": n}`` for one call on ``inputs``."""
+    shapes_in = {name: array.shape for name, array in inputs.items()}
+    try:
+        model, shapes = _inferred_shapes(onnx_path, shapes_in)
+        method = "symbolic shape inference"
+        result = _count(model, shapes)
+        if result["unknown_nodes"] == 0:
+            return {**result, "method": method}
+    except Exception:  # the inference tool asserts on shape arithmetic it cannot follow
+        pass
+    model, shapes = _executed_shapes(onnx_path, inputs)
+    return {**_count(model, shapes), "method": "shapes from one ONNX Runtime run"}
+
+
+def _count(model: onnx.ModelProto, shapes: dict) -> dict:
+    by_op = {op: 0 for op in COUNTED}
     unknown = 0
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         if node.op_type not in by_op:
             continue
         operands = [shapes.get(name) for name in node.input[:2]]

@@ -41,7 +41,7 @@ def bench_models(bundle: Bundle, models: Iterable[str], image_size: int, backend
             inputs = (exportable.inputs(sizes, seed=batch) if exportable is not None
                       else sample_inputs(bundle.contract(name), sizes, seed=batch))
             shapes = {k: v.shape for k, v in inputs.items()}
-            flops = count_flops(bundle.model_path(name), shapes)
+            flops = count_flops(bundle.model_path(name), inputs)
             candidates = {}
             if ort_backend is not None:
                 candidates["ort"] = lambda: ort_backend.run(name, inputs)
