@@ -133,7 +133,10 @@ def log_to_stderr(line: str) -> None:
 
 
 class TritonServer:
-    """One tritonserver process serving ``repo``; ``with TritonServer(repo) as server: ...``."""
+    """One tritonserver process serving ``repo``; ``with TritonServer(repo) as server: ...``.
+
+    The server gets SIGTERM when the thread that started it ends (so a killed test run or CLI
+    leaves no server behind): start it from a thread that lives as long as it should."""
 
     def __init__(self, repo: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, model_control: str = "none",
