@@ -285,7 +285,7 @@ class CertainModel:
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_certain_model_gives_its_layout(temperature):
-    config = _plan_config()
+    config = _plan_config(box_format="ltwh")
     target = _target_tokens(config, batch=3)
     model = CertainModel(target, config.num_bins)
     tokens = PlanNetSampler(config).sample(model, 3, np.random.default_rng(0), temperature=temperature)
@@ -377,9 +377,17 @@ def test_plannet_config_and_decode_details():
         PlanNetSampler(_plan_config()).sample(lambda t, s: None, 1, np.random.default_rng(0), steps=21)
     with pytest.raises(ContractError, match="logits of shape"):
         PlanNetSampler(_plan_config()).sample(lambda t, s: np.zeros((1, 6, 5, 8)), 1, np.random.default_rng(0))
-    np.testing.assert_allclose(dequantize_ltwh(np.array([0, 15]), 16), [0.5 / 16, 15.5 / 16])
+    np.testing.assert_allclose(dequantize_ltwh(np.array([0, 15, 0, 15]), 16, "ltwh"), [0.5 / 16, 15.5 / 16] * 2)
+    # centre format: left = cx - w/2 = 0.5/16 - 7.75/16
+    np.testing.assert_allclose(dequantize_ltwh(np.array([0, 1, 15, 15]), 16, "cxcywh"),
+                               [-7.25 / 16, -6.25 / 16, 15.5 / 16, 15.5 / 16])
+    with pytest.raises(BundleError, match="plannet.box_format"):
+        _plan_config(box_format="xyxy")
     tokens = np.array([[[5, 1, 1, 1, 1], [1, 0, 0, 15, 15], [2, 8, 8, 15, 15]]])
-    config = _plan_config(max_elements=3)
+    config = _plan_config(max_elements=3, box_format="ltwh")
     layout = PlanNetSampler(config).decode(tokens, [[160, 320]])[0]
     assert layout.labels.tolist() == [1, 2]  # the pad element is gone
     np.testing.assert_allclose(layout.boxes, [[10, 5, 320, 160], [170, 85, 320, 160]])  # second one clipped
+    centred = PlanNetSampler(_plan_config(max_elements=3)).decode(tokens, [[160, 320]])[0]
+    # x1 = (0.5 - 7.75)/16 * 320 < 0 -> 0; x2 = (0.5 + 7.75)/16 * 320 = 165; second: x1 = (8.5 - 7.75)/16 * 320 = 15
+    np.testing.assert_allclose(centred.boxes, [[0, 0, 165, 82.5], [15, 7.5, 320, 160]])

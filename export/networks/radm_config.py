@@ -170,8 +170,10 @@ class RADMConfig:
                                     res2_out_channels=16, fpn_channels=16),
             text=TextEncoderConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=64, max_position_embeddings=72),
+            # prior 0.5 (class bias 0) instead of the focal-loss 0.01: random tiny weights then score
+            # around the 0.25 threshold, so the layout path (NMS, placement, JSON) runs on real boxes.
             head=HeadConfig(hidden_dim=16, num_stages=2, num_attention_heads=2, dim_feedforward=32,
-                            dim_dynamic=8, gram_embed_dim=16, gram_out_dim=8),
+                            dim_dynamic=8, gram_embed_dim=16, gram_out_dim=8, prior_prob=0.5),
         )
 
     @classmethod

@@ -33,6 +33,7 @@ from ..errors import BundleError, ContractError, InputError
 TokenDenoiser = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 ATTRIBUTES = ("class", "x", "y", "w", "h")
+BOX_FORMATS = ("cxcywh", "ltwh")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class PlanNetSamplerConfig:
     num_bins: int = 128
     num_timesteps: int = 100
     max_elements: int = 25
+    #: what the (x, y, w, h) bins mean: "cxcywh" (box centre, PlanNet's export) or "ltwh" (left, top)
+    box_format: str = "cxcywh"
 
     @property
     def pad_class(self) -> int:
@@ -62,7 +65,8 @@ class PlanNetSamplerConfig:
         names = config.get("class_names")
         if not isinstance(names, (list, tuple)) or not names:
             raise BundleError(f"bundle config plannet.class_names: got {names!r}, expected a non-empty list")
-        result = cls(tuple(names), **{k: config[k] for k in ("num_bins", "num_timesteps", "max_elements") if k in config})
+        keys = ("num_bins", "num_timesteps", "max_elements", "box_format")
+        result = cls(tuple(names), **{k: config[k] for k in keys if k in config})
         for key in ("pad_class", "mask_token", "vocab_size"):
             if key in config and config[key] != getattr(result, key):
                 raise BundleError(f"bundle config plannet.{key}: got {config[key]!r}, expected "
@@ -75,6 +79,8 @@ class PlanNetSamplerConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise BundleError(f"bundle config plannet.{key}: got {value!r}, expected an integer >= 1")
+        if self.box_format not in BOX_FORMATS:
+            raise BundleError(f"bundle config plannet.box_format: got {self.box_format!r}, expected one of {BOX_FORMATS}")
         if self.pad_class >= self.num_bins:
             raise BundleError(f"bundle config plannet.num_bins: got {self.num_bins}, expected more than "
                               f"{self.pad_class} so that every class and the pad class have a token")
@@ -98,19 +104,22 @@ def plannet_levels(num_timesteps: int, steps: int) -> np.ndarray:
     return np.linspace(num_timesteps, 0, steps + 1).round().astype(np.int64)
 
 
-def dequantize_ltwh(bins: np.ndarray, num_bins: int) -> np.ndarray:
-    """Box bins (x, y, w, h) -> normalized (left, top, width, height) in [0, 1], bin centres.
-
-    The one place that fixes what a box token means: change it here if PlanNet's quantizer does.
-    """
-    return (bins.astype(np.float32) + 0.5) / num_bins
+def dequantize_ltwh(bins: np.ndarray, num_bins: int, box_format: str = "cxcywh") -> np.ndarray:
+    """Box bins (x, y, w, h) -> normalized (left, top, width, height) in [0, 1], at bin centres
+    (the inverse of the export's ``bin = min(floor(v * K), K - 1)``). ``box_format`` says whether
+    x, y are the box centre (PlanNet's export records "cxcywh") or its top-left corner."""
+    values = (bins.astype(np.float32) + 0.5) / num_bins
+    if box_format == "cxcywh":
+        values = values.copy()
+        values[..., :2] -= values[..., 2:] / 2
+    return values
 
 
 def tokens_to_layout(tokens: np.ndarray, config: PlanNetSamplerConfig, canvas_size) -> PlannedLayout:
     """One canvas's tokens [E, 5] -> its elements; pad-class (and any unresolved) elements dropped."""
     classes, bins = tokens[:, 0], tokens[:, 1:]
     real = (classes < config.pad_class) & (tokens != config.mask_token).all(axis=1)
-    left, top, width, height = np.moveaxis(dequantize_ltwh(bins[real], config.num_bins), -1, 0)
+    left, top, width, height = np.moveaxis(dequantize_ltwh(bins[real], config.num_bins, config.box_format), -1, 0)
     canvas_h, canvas_w = float(canvas_size[0]), float(canvas_size[1])
     boxes = np.stack([left * canvas_w, top * canvas_h, (left + width) * canvas_w, (top + height) * canvas_h], axis=-1)
     limits = np.array([canvas_w, canvas_h, canvas_w, canvas_h], dtype=np.float32)
