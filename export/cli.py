@@ -20,9 +20,9 @@ def _pairs(values, flag):
 def add_arguments(parser):
     parser.add_argument("--preset", default="tiny", help="tiny (random tiny weights, seconds) or paper (the papers' sizes)")
     parser.add_argument("--models", help="comma-separated served models (default: all)")
-    parser.add_argument("--checkpoint", action="append", metavar="NAME=PATH",
+    parser.add_argument("--checkpoint", action="extend", nargs="+", metavar="NAME=PATH",
                         help="weights for a family or model: radm=model_final.pth, plannet=plannet.safetensors, ...")
-    parser.add_argument("--from-pretrained", action="append", metavar="COMPONENT=PATH",
+    parser.add_argument("--from-pretrained", action="extend", nargs="+", metavar="COMPONENT=PATH",
                         help="diffusers/transformers folders: unet=, controlnet=, vae=, text_encoder=, image_encoder=, tokenizer=")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (or add models to)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

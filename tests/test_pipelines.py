@@ -203,3 +203,24 @@ def test_fit_to_canvas_keeps_aspect_and_centres():
     rows = np.nonzero(fitted.max(axis=1) > 0.5)[0]
     assert (rows.min(), rows.max()) == (64, 191)  # 200x100 -> 256x128, centred vertically
     assert (canvas[:64] == 255).all()  # margins are the white fill, free for the generator
+
+
+class RecordingBackend(CountingBackend):
+    """Also keeps the inputs of each call."""
+
+    def _run(self, contract, inputs):
+        self.inputs = getattr(self, "inputs", [])
+        self.inputs.append((contract.name, inputs))
+        return super()._run(contract, inputs)
+
+
+def test_radm_text_lines_are_padded_as_the_public_code_does(backends, product, bundle):
+    """Under text_compat_view the head's numbers depend on padding: lines are padded to max_lines."""
+    config = bundle.config["radm"]
+    recorder = RecordingBackend(backends["onnxruntime"])
+    build_pipeline("layout", recorder, progress=False)(_request(product))
+    head_inputs = [inputs for model, inputs in recorder.inputs if model == "radm_head"][0]
+    lines = int(config["max_lines"]) if config["text_compat_view"] else len(TEXTS)
+    assert head_inputs["text_features"].shape[1] == lines
+    assert head_inputs["text_mask"][0].tolist() == [1.0] * len(TEXTS) + [0.0] * (lines - len(TEXTS))
+    assert not head_inputs["text_features"][0, len(TEXTS):].any()

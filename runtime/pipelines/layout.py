@@ -62,15 +62,22 @@ class RADMLayout:
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """One pooled feature per text line: ``text_features`` [1, lines, dim] and ``text_mask`` [1, lines].
 
-        Without texts the head still needs one line: a zero feature whose mask is 0, which the
-        attention ignores.
+        Padding: a head exported with ``text_compat_view`` reproduces the public code's
+        ``view(N, 768, -1)``, which mixes every line's values (padding included) into each attention
+        key, so its numbers depend on the padding; that code always pads to ``max_lines`` with zero
+        features and mask 0, and so do we. Otherwise only the real lines are sent (at least one: a
+        zero line with mask 0, which the attention ignores).
         """
-        if not texts:
-            dim = self.backend.contract("radm_text_encoder").output("text_features").shape[1]
-            return np.zeros((1, 1, dim), dtype=np.float32), np.zeros((1, 1), dtype=np.float32)
-        ids, attention = encode_lines(self.tokenizer, texts)
-        features = self.backend.run("radm_text_encoder", {"input_ids": ids, "attention_mask": attention})["text_features"]
-        return features[None], np.ones((1, len(texts)), dtype=np.float32)
+        dim = self.backend.contract("radm_text_encoder").output("text_features").shape[1]
+        lines = int(self.config["max_lines"]) if self.config.get("text_compat_view") else max(1, len(texts))
+        features = np.zeros((1, lines, dim), dtype=np.float32)
+        mask = np.zeros((1, lines), dtype=np.float32)
+        if texts:
+            ids, attention = encode_lines(self.tokenizer, texts)
+            encoded = self.backend.run("radm_text_encoder", {"input_ids": ids, "attention_mask": attention})
+            features[0, :len(texts)] = encoded["text_features"]
+            mask[0, :len(texts)] = 1.0
+        return features, mask
 
 
 class LayoutPipeline:
