@@ -31,23 +31,10 @@ from posterrt.runtime.errors import CheckpointError, InputError
 
 from ..checkpoints import load_into, read_state_dict
 from ..spec import ContractModule, Exportable
+from .stable_diffusion import SD15_SCHEDULER  # RenderNet samples with SD 1.5's schedule
 
 #: Order of the ``layout_masks`` channels: one mask per element class of the plan, then the product box.
 LAYOUT_CHANNELS = ("logo", "text", "underlay", "embellishment", "product")
-
-#: Stable Diffusion 1.5's scheduler settings (its scheduler_config.json); the runtime builds its
-#: sampler from these. ``clip_sample`` is false in SD 1.5 and must be said: DDIM defaults to true.
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
 
 SEEDS = {"controlnet": 20231214, "unet": 20231215, "sfm": 20231216}
 
