@@ -91,21 +91,42 @@ class Bundle:
         self.require([name])
         return get_contract(name).resolve(self.models[name].static_dims)
 
-    def model_path(self, name: str, verify: bool = True) -> Path:
+    def variants(self, name: str) -> dict:
+        """``{variant: entry}`` of the optimized variants ``posterrt engines optimize`` wrote for a model."""
+        return dict(self.manifest.get("variants", {}).get(name, {}))
+
+    def model_path(self, name: str, verify: bool = True, variant: str | None = None) -> Path:
+        """The model's ONNX file; with ``variant`` (``fp32-opt``, ``int8``, ...) that optimized variant's.
+
+        A variant made from another export of the model (its ``source_sha256`` differs from the
+        model's hash) is refused: it would silently serve the old weights."""
         self.require([name])
         entry = self.models[name]
-        path = confined_path(self.root, entry.file, f"bundle model {name!r}")
+        key = name
+        if variant is not None:
+            variants = self.variants(name)
+            if variant not in variants:
+                raise BundleError(f"bundle {self.root}: model {name!r} has no variant {variant!r} (it has "
+                                  f"{sorted(variants) or 'none'}); write it with `posterrt engines optimize "
+                                  f"--bundle {self.root} --variant {variant} --models {name}`")
+            found = variants[variant]
+            if found.get("source_sha256") != entry.sha256:
+                raise BundleError(f"bundle {self.root}: variant {variant!r} of {name} was made from another export "
+                                  f"of the model; run `posterrt engines optimize --variant {variant} --models {name}` again")
+            entry = ModelEntry(name, found["file"], found["sha256"], entry.static_dims, list(found.get("data_files", [])))
+            key = f"{name}.{variant}"
+        path = confined_path(self.root, entry.file, f"bundle model {key!r}")
         if not path.is_file():
             raise BundleError(f"bundle {self.root}: model file {entry.file} is missing")
-        if verify and name not in self._verified:
+        if verify and key not in self._verified:
             actual = sha256_file(path)
             if actual != entry.sha256:
                 raise BundleError(f"bundle {self.root}: {entry.file} does not match its manifest hash "
                                   f"(the file was edited or is incomplete); export the model again")
             for data_file in entry.data_files:
-                if not confined_path(self.root, data_file, f"bundle model {name!r}").is_file():
-                    raise BundleError(f"bundle {self.root}: external data file {data_file} of {name} is missing")
-            self._verified.add(name)
+                if not confined_path(self.root, data_file, f"bundle model {key!r}").is_file():
+                    raise BundleError(f"bundle {self.root}: external data file {data_file} of {key} is missing")
+            self._verified.add(key)
         return path
 
     def file(self, relative: str, what: str) -> Path:

@@ -1,0 +1,273 @@
+"""Optimized ONNX Runtime variants of a bundle's models, for CPU serving.
+
+A variant is written beside the model as ``<model>.<variant>.onnx`` with an entry in the bundle
+manifest (``manifest["variants"][model][variant]``: file, sha256, the sha256 of the fp32 model it
+was made from, the build settings and the quality-gate report). ``Bundle.model_path(model,
+variant=...)`` and ``OrtBackend(variants=...)`` select it. A variant that fails the gate is never
+written: :func:`optimize_bundle` raises ParityError naming the failed checks.
+
+Variants:
+
+* ``fp32-opt``: same numbers as the export (gated at 1e-4). ONNX Runtime's transformer fusions for
+  UNets (``onnxruntime.transformers.optimizer``, model type ``unet``) restricted to the fusions
+  with CPU kernels (self-attention into ``Attention``, LayerNorm, SkipLayerNorm, Gelu); the GPU-only
+  ones (GroupNorm, NHWC Conv, BiasSplitGelu, packed QKV) are off. Then ONNX Runtime's own
+  *extended* graph optimizations, applied once and saved, so loading does not redo them. The
+  *all* level (NCHWc layouts) is left to load time: ORT warns that a graph saved at that level
+  only fits the CPU it was made on.
+* ``int8``: static QDQ quantization (``onnxruntime.quantization.quantize_static``): weights int8
+  per output channel, activations uint8 per tensor (U8S8, the pair MLAS' VNNI kernels run),
+  calibrated on the step inputs the fp32 model sees along its own guided denoising loops (see
+  :func:`quality_gate.calibration_inputs`). Mixed precision: what stays fp32 is listed by
+  :func:`fp32_nodes` (and why).
+* ``int8-dynamic``: dynamic quantization of the weight MatMuls only (activation scales computed
+  per call); no calibration, convolutions stay fp32.
+
+bf16 is not a variant here: ONNX Runtime's CPU provider has no bf16 Conv or MatMul kernels (opset
+17 does not even list bf16 for Conv), so a bf16 graph does not load; see benchmarks/RESULTS.md for
+the measured alternatives.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+from posterrt.runtime.bundle import MANIFEST, Bundle, sha256_file
+from posterrt.runtime.errors import InputError
+
+from . import quality_gate
+from .quality_gate import APPROXIMATE, EXACT, Tolerances
+
+VARIANTS = ("fp32-opt", "int8", "int8-dynamic")
+#: Which gate each variant must pass.
+VARIANT_GATES: dict[str, Tolerances] = {"fp32-opt": EXACT, "int8": APPROXIMATE, "int8-dynamic": APPROXIMATE}
+#: Models past this size are written with their weights in ``<file>.data`` (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)
+
+
+def check_variant(value: str) -> str:
+    if value not in VARIANTS:
+        raise InputError(f"--variant: unknown variant {value!r}; expected one of {', '.join(VARIANTS)}")
+    return value
+
+
+def variant_file(model: str, variant: str) -> str:
+    return f"{model}.{check_variant(variant)}.onnx"
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32-opt
+# ---------------------------------------------------------------------------------------------
+def cpu_fusion_options():
+    """The ``unet`` fusion set with the fusions whose ops only have GPU kernels switched off."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("unet")
+    for gpu_only in ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add"):
+        setattr(options, gpu_only, False)
+    return options
+
+
+def build_fp32_opt(source: Path, target: Path) -> dict:
+    """Transformer fusions, then ORT's extended optimizations saved into ``target``."""
+    from onnxruntime.transformers import optimizer
+
+    import onnxruntime as ort
+
+    big = _is_big(source)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fuse-") as scratch:
+        fused_path = Path(scratch) / "fused.onnx"
+        _quiet_onnxruntime_tools()
+        fused = optimizer.optimize_model(str(source), model_type="unet", opt_level=0, use_gpu=False,
+                                         optimization_options=cpu_fusion_options())
+        fusions = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+        fused.save_model_to_file(str(fused_path), use_external_data_format=big)
+        del fused
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(target)
+        if big:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             target.name + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+        ort.InferenceSession(str(fused_path), options, providers=["CPUExecutionProvider"])
+    return {"fusions": fusions, "ort_level": "extended"}
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+# ---------------------------------------------------------------------------------------------
+def fp32_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Nodes the int8 variants keep in fp32, by reason:
+
+    * ``activation_matmul``: MatMuls of two activations (attention scores and attention x values):
+      the softmax output spans 0..1 with most mass near 0, and the scores carry the masked logits
+      (-1e4) of the category attention; one uint8 scale per tensor cannot hold either;
+    * ``io_conv``: the first and the last convolution: the first sees the raw latent, the masked
+      image latent and the binary mask in one tensor, the last writes the noise prediction itself
+      (the output's error scale); together under 1% of the FLOPs;
+    * ``gemm``: the timestep-embedding MLP (Gemm): a few thousand MACs, and its error modulates
+      every ResNet block;
+    * ``concat_input``: layers fed straight by a Concat: in the UNet's up blocks the 1x1
+      ``conv_shortcut`` reads the decoder features concatenated with the encoder's skip features,
+      whose ranges differ by an order of magnitude, so one uint8 scale for both loses the smaller
+      half (measured on the tiny preset: relative noise error 0.106 -> 0.067 from this alone).
+    """
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    weights = initializers | constants
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    concatenated = {out for node in model.graph.node if node.op_type == "Concat" for out in node.output}
+    return {
+        "activation_matmul": [node.name for node in model.graph.node
+                              if node.op_type == "MatMul" and not any(i in weights for i in node.input)],
+        "io_conv": [convs[0], convs[-1]] if len(convs) >= 2 else convs,
+        "gemm": [node.name for node in model.graph.node if node.op_type == "Gemm"],
+        "concat_input": [node.name for node in model.graph.node
+                         if node.op_type in ("Conv", "MatMul") and node.input and node.input[0] in concatenated],
+    }
+
+
+class _Calibration:
+    """onnxruntime.quantization's CalibrationDataReader over a list of input dicts."""
+
+    def __init__(self, inputs: list[dict]):
+        self._inputs = inputs
+        self._iterator = iter(inputs)
+
+    def get_next(self):
+        return next(self._iterator, None)
+
+    def rewind(self):
+        self._iterator = iter(self._inputs)
+
+
+def build_int8_static(source: Path, target: Path, calibration: list[dict]) -> dict:
+    """Static QDQ int8 of ``source``, calibrated on ``calibration`` (step inputs).
+
+    No ``quant_pre_process``: the export already folded constants, and its copies of a 3.4 GB UNet
+    (load, ORT session, shape inference) do not fit beside the calibration session in 24 GB.
+    MinMax with a moving average over the calibration calls: the mean of each call's extremes
+    rather than the single most extreme value, so one outlying step does not stretch a scale."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    keep = fp32_nodes(onnx.load(str(source), load_external_data=False))
+    _quiet_onnxruntime_tools()
+    quantize_static(str(source), str(target), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=[name for names in keep.values() for name in names],
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=_is_big(source),
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibMovingAverage": True})
+    return {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor (MinMax, moving average)",
+            "calibration_inputs": len(calibration), "fp32_nodes": {k: len(v) for k, v in keep.items()}}
+
+
+def build_int8_dynamic(source: Path, target: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    keep = fp32_nodes(onnx.load(str(source), load_external_data=False))
+    _quiet_onnxruntime_tools()
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=keep["activation_matmul"],
+                     use_external_data_format=_is_big(source))
+    return {"format": "dynamic (MatMulInteger)", "weights": "int8 per channel, MatMul only",
+            "activations": "uint8, scale per call", "fp32_nodes": {"activation_matmul": len(keep["activation_matmul"])}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Into the bundle
+# ---------------------------------------------------------------------------------------------
+def build_variant(bundle: Bundle, model: str, variant: str, target: Path, gate_options: dict | None = None) -> dict:
+    """Write ``target`` (and its data file, if any); returns the build report."""
+    source = bundle.model_path(model)
+    started = time.perf_counter()
+    if variant == "fp32-opt":
+        report = build_fp32_opt(source, target)
+    elif variant == "int8":
+        report = build_int8_static(source, target, _calibration(bundle, model, gate_options))
+    else:
+        report = build_int8_dynamic(source, target)
+    report["build_seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _calibration(bundle: Bundle, model: str, gate_options: dict | None) -> list[dict]:
+    """Calibration inputs from the fp32 model's own loops; its session is released on return, before
+    the quantizer loads its own copies (two paper UNets at once would not fit in memory)."""
+    reference = quality_gate.ort_step(bundle.model_path(model), bundle.contract(model))
+    options = {k: v for k, v in (gate_options or {}).items() if k in ("steps", "image_size")}
+    inputs = quality_gate.calibration_inputs(reference, bundle, model, **options)
+    del reference
+    gc.collect()
+    return inputs
+
+
+def optimize_bundle(bundle_dir: Path, variant: str, models: list[str], gate_options: dict | None = None,
+                    tolerances: Tolerances | None = None, progress=print) -> dict[str, dict]:
+    """Build, gate and register ``variant`` of each model; returns the manifest entries written.
+
+    Each model is built in a staging folder inside the bundle and moved in only after its gate
+    passed, so a failed variant leaves no file behind and a model's earlier variants stay valid."""
+    check_variant(variant)
+    bundle = Bundle(bundle_dir)
+    bundle.require(models)
+    tolerances = tolerances or VARIANT_GATES[variant]
+    written = {}
+    for model in models:
+        staging = Path(bundle_dir) / f".{model}.{variant}.staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            name = variant_file(model, variant)
+            progress(f"{model}: building {variant}")
+            build = build_variant(bundle, model, variant, staging / name, gate_options)
+            progress(f"{model}: quality gate ({'exact' if tolerances == EXACT else 'approximate'} tolerances)")
+            gate = quality_gate.run_gate(bundle, model, staging / name, tolerances, **(gate_options or {}))
+            quality_gate.require_pass(gate, f"{model} {variant}")
+            data_files = [p.name for p in staging.iterdir() if p.name != name]
+            entry = {"file": name, "data_files": data_files, "sha256": sha256_file(staging / name),
+                     "source_sha256": bundle.models[model].sha256,
+                     "bytes": sum(p.stat().st_size for p in staging.iterdir()), "build": build, "gate": gate}
+            for path in staging.iterdir():
+                os.replace(path, Path(bundle_dir) / path.name)
+            _register(Path(bundle_dir), model, variant, entry)
+            written[model] = entry
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _register(bundle_dir: Path, model: str, variant: str, entry: dict) -> None:
+    """Add the entry to the manifest, replaced atomically (a reader sees the old or the new one)."""
+    path = bundle_dir / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("variants", {}).setdefault(model, {})[variant] = entry
+    temporary = path.with_name(MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_number))
+    os.replace(temporary, path)
+
+
+def _json_number(value):
+    return float(value)
+
+
+def _is_big(path: Path) -> bool:
+    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    return size > EXTERNAL_DATA_BYTES
+
+
+def _quiet_onnxruntime_tools() -> None:
+    # The optimizer and the quantizer log every fusion and every skipped node at INFO/WARNING.
+    for name in ("onnxruntime.transformers", "onnxruntime.quantization", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
