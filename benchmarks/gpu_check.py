@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from posterrt.engines.cleanup import FP16_RTOL, prepare_onnx, relative_error
-from posterrt.engines.profiles import model_profile
+from posterrt.runtime.profiles import model_profile
 from posterrt.runtime.contracts import CONTRACTS, STEP
 from posterrt.runtime.samples import default_sizes
 

@@ -24,7 +24,7 @@ from posterrt.runtime.errors import InputError, PosterRTError
 from .cleanup import prepare_onnx
 from .manifest import EngineError, current_gpu, engine_entry, update_entry
 from .precision import check_precision
-from .profiles import model_profile, profile_ranges
+from posterrt.runtime.profiles import model_profile, profile_ranges
 
 #: UNets get REFIT so a new style adapter / LoRA (merged into the weights) swaps in without a rebuild.
 DEFAULT_REFITTABLE = ("bg_unet",)

@@ -62,7 +62,7 @@ def run(args) -> int:
 
 def _build(args) -> int:
     from .build import BuildOptions, build_engines
-    from .profiles import parse_shapes
+    from posterrt.runtime.profiles import parse_shapes
 
     options = BuildOptions(precision=args.precision, opt_level=args.opt_level, workspace_gb=args.workspace_gb,
                            timing_cache=args.timing_cache, refittable=_refittable(args.refittable),

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from posterrt.engines import profiles
+from posterrt.runtime import profiles
 from posterrt.engines.cleanup import CLEAN_RTOL, FP16_RTOL, compare_onnx, prepare_onnx, relative_error
 from posterrt.engines.manifest import (EngineError, GpuInfo, check_engine_compatible, engine_entry, get_entry,
                                        read_manifest, update_entry)
@@ -685,7 +685,7 @@ def test_engine_helpers_import_without_torch_or_tensorrt():
                 if name.split(".")[0] in ("torch", "tensorrt", "diffusers", "transformers"):
                     raise ImportError(f"blocked {name}")
         sys.meta_path.insert(0, Block())
-        import posterrt.engines.profiles, posterrt.engines.manifest, posterrt.engines.cleanup
+        import posterrt.runtime.profiles, posterrt.engines.manifest, posterrt.engines.cleanup
         import posterrt.engines.build, posterrt.engines.refit, posterrt.engines.cli
         print("ok")
     """)

@@ -20,7 +20,7 @@ def _run_without_torch(code: str) -> subprocess.CompletedProcess:
 
 
 def test_runtime_imports_without_torch():
-    modules = ["posterrt.runtime.contracts", "posterrt.runtime.bundle", "posterrt.runtime.samples",
+    modules = ["posterrt.runtime.contracts", "posterrt.runtime.bundle", "posterrt.runtime.samples", "posterrt.runtime.profiles",
                "posterrt.runtime.backends.base", "posterrt.runtime.cli"]
     modules += ["posterrt.runtime.metrics", "posterrt.runtime.commands.eval_layout"]
     modules += ["posterrt.runtime.schedulers", "posterrt.runtime.schedulers.radm", "posterrt.runtime.schedulers.plannet"]

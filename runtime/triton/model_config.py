@@ -20,6 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from ..contracts import DYNAMIC_DIMS, STEP, EPILOGUE, ModelContract, TensorSpec, dim_range, is_dynamic
+from ..profiles import PROFILE_KEYS, model_profile, ort_shape_string
 from ..errors import InputError
 
 FLAVORS = ("cpu", "gpu-onnx", "gpu-trt")
@@ -138,12 +139,6 @@ class ServingOptions:
         return BatchingPolicy(enabled, delay, tuple(self.preferred_batch_sizes))
 
 
-def profile_shapes(contract: ModelContract, kind: str) -> str:
-    """TensorRT EP profile string ``name:AxBxC,...`` at the contracts' min/opt/max sizes."""
-    sizes = {name: getattr(rng, kind) for name, rng in DYNAMIC_DIMS.items()}
-    return ",".join(f"{spec.name}:" + "x".join(str(d) for d in spec.concrete_shape(sizes)) for spec in contract.inputs)
-
-
 def build_model_config(contract: ModelContract, options: ServingOptions, parameters: dict | None = None,
                        max_batch: int | None = None) -> pb.ModelConfig:
     """The Triton config of one resolved contract for ``options.flavor``.
@@ -188,14 +183,13 @@ def _gpu_accelerator(config: pb.ModelConfig, contract: ModelContract, options: S
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name=options.gpu_accelerator)
     if options.gpu_accelerator == "cuda":
         return
+    profile = model_profile(contract)  # the same profile `posterrt engines build` uses
     settings = {
         "precision_mode": options.trt_precision,
         "max_workspace_size_bytes": str(options.trt_workspace_bytes),
         # explicit profiles from the contracts' ranges: otherwise the EP rebuilds an engine each
         # time a request brings a shape outside the ones it has seen
-        "trt_profile_min_shapes": profile_shapes(contract, "min"),
-        "trt_profile_opt_shapes": profile_shapes(contract, "opt"),
-        "trt_profile_max_shapes": profile_shapes(contract, "max"),
+        **{f"trt_profile_{key}_shapes": ort_shape_string(profile, key) for key in PROFILE_KEYS},
     }
     if options.trt_engine_cache_dir:
         settings.update(trt_engine_cache_enable="1",
