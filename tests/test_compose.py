@@ -140,13 +140,24 @@ def test_cjk_text_is_detected_and_composed():
 
 
 def test_font_search_finds_files_that_exist():
-    for cjk in (False, True):
-        path = find_font(cjk)
-        assert path is None or Image.open  # None means Pillow's built-in font is used
-        if path is not None:
-            from pathlib import Path
+    from pathlib import Path
 
-            assert Path(path).is_file()
+    for cjk in (False, True):
+        path = find_font(cjk)  # None means Pillow's built-in font is used
+        assert path is None or Path(path).is_file()
+
+
+@pytest.mark.skipif(find_font(cjk=True) is None, reason="no CJK font installed (apt-get install fonts-wqy-zenhei)")
+def test_cjk_glyphs_are_real_glyphs():
+    """A font without CJK glyphs draws the same empty box for every character: two different
+    four-character texts would then give identical pixels. A CJK font draws them differently."""
+    background = np.full((80, 240, 3), 255, np.uint8)
+    drawn = []
+    for text in ("限时特惠", "买一送一"):
+        element = _element("text", (0, 0, 240, 80))
+        element.text = text
+        drawn.append(compose_poster(background, [element]))
+    assert not np.array_equal(drawn[0], drawn[1])
 
 
 def test_composition_is_deterministic():
