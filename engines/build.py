@@ -9,6 +9,7 @@ profile / option logic is tested) on machines without a GPU.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -134,9 +135,28 @@ def build_plan(trt, onnx_path: Path, profile: dict, *, precision: str, opt_level
 # The command: every requested model of a bundle
 # ---------------------------------------------------------------------------------------------
 def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    """Write ``data`` to a temporary name beside ``path``, flush it to disk, then rename it over
+    ``path``: an interrupted write (Ctrl-C, kill, power loss) leaves the old file or none, never
+    half a plan under the real name. The temporary name is never read by anything."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself must reach the disk too
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def plan_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildOptions, progress: bool = True) -> dict:
@@ -181,7 +201,8 @@ def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildO
             model=model, plan=f"{model}.plan", precision=options.precision, profile=profile,
             ranges=profile_ranges(contract, options.shapes), gpu=gpu, tensorrt_version=trt.__version__,
             source_onnx_sha256=bundle.models[model].sha256, bundle=str(Path(bundle_dir).resolve()),
-            build_options=options.record(model), build_seconds=time.perf_counter() - started)
+            build_options=options.record(model), build_seconds=time.perf_counter() - started,
+            plan_sha256=plan_digest(plan))
         entry["onnx_prepare"] = {k: report[k] for k in ("tool", "skipped_optimizations", "nodes_before",
                                                           "nodes_after", "fp32_nodes")}
         manifest = update_entry(out, model, entry)

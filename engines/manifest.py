@@ -73,10 +73,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
     """Atomic replace: a reader sees the old manifest or the new one, never half of one."""
-    path = Path(folder) / MANIFEST
-    temporary = path.with_name(MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    from .build import write_atomic
+
+    write_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def update_entry(folder: str | os.PathLike, model: str, entry: dict) -> dict:
@@ -88,12 +87,15 @@ def update_entry(folder: str | os.PathLike, model: str, entry: dict) -> dict:
 
 def engine_entry(*, model: str, plan: str, precision: str, profile: dict, ranges: dict, gpu: GpuInfo,
                  tensorrt_version: str, source_onnx_sha256: str, bundle: str, build_options: dict,
-                 build_seconds: float) -> dict:
+                 build_seconds: float, plan_sha256: str | None = None) -> dict:
+    """``plan_sha256``: the hash of the plan file as written. The plan is renamed into place before
+    the manifest is updated, so a build or refit interrupted between the two leaves a plan that
+    does not match its entry: ``checked_plan`` (and ``posterrt repo build``) refuse it."""
     return {
         "model": model, "plan": plan, "precision": precision, "profile": profile, "ranges": ranges,
         "gpu": asdict(gpu), "tensorrt_version": tensorrt_version, "source_onnx_sha256": source_onnx_sha256,
         "bundle": bundle, "build_options": build_options, "built": now(), "build_seconds": round(build_seconds, 1),
-        "refits": [],
+        "refits": [], "plan_sha256": plan_sha256,
     }
 
 
@@ -137,4 +139,18 @@ def checked_plan(folder: str | os.PathLike, model: str, current_gpu: GpuInfo, cu
     if not plan.is_file():
         raise EngineError(f"engines folder {folder}: plan {entry['plan']} of {model!r} is missing; "
                           f"rebuild it: posterrt engines build --models {model}")
+    check_plan_hash(plan, entry)
     return plan
+
+
+def check_plan_hash(plan: Path, entry: dict) -> None:
+    """The plan file must be the one the manifest entry records (entries written before hashes
+    were recorded are not checked)."""
+    from posterrt.runtime.bundle import sha256_file
+
+    expected = entry.get("plan_sha256")
+    if expected and sha256_file(plan) != expected:
+        model = entry.get("model", "?")
+        raise EngineError(f"engine {model!r}: {plan} does not match the sha256 its manifest entry records (a build "
+                          f"or refit was interrupted, or the file was replaced); rebuild it: "
+                          f"posterrt engines build --models {model}")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from posterrt.runtime.bundle import sha256_file
 
-from .build import file_logger, import_tensorrt, write_atomic
+from .build import file_logger, import_tensorrt, plan_digest, write_atomic
 from .cleanup import prepare_onnx
-from .manifest import EngineError, check_engine_compatible, current_gpu, now, read_manifest, write_manifest
+from .manifest import (EngineError, check_engine_compatible, check_plan_hash, current_gpu, now, read_manifest,
+                       write_manifest)
 
 
 def entry_for_plan(manifest: dict, plan: Path) -> dict:
@@ -67,14 +68,25 @@ def refit_engine(plan_path, onnx_path) -> dict:
             prepared = Path(work) / f"{model}.onnx"
             prepare_onnx(onnx_path, prepared, model_name=model, precision=entry["precision"],
                          tool=entry["build_options"].get("clean_tool", "auto"), refittable=True)
-            engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+            data = plan.read_bytes()
+            # The plan must be the recorded one, or the one an interrupted refit announced (running
+            # the refit again finishes that job); anything else was replaced behind our back.
+            if plan_digest(data) != entry.get("refit_pending_sha256"):
+                check_plan_hash(plan, entry)
+            engine = trt.Runtime(logger).deserialize_cuda_engine(data)
             if engine is None:
                 raise EngineError(f"TensorRT could not load {plan}; rebuild it")
             weights = refit_weights(trt, engine, prepared, logger)
-            write_atomic(plan, bytes(engine.serialize()))
+            refitted = bytes(engine.serialize())
+            # Announce the new plan, write it, then record it: interrupted anywhere, the manifest
+            # and the plan disagree (loads refuse the plan) and a second refit completes the job.
+            entry["refit_pending_sha256"] = plan_digest(refitted)
+            write_manifest(plan.parent, manifest)
+            write_atomic(plan, refitted)
     finally:
         logger.close()
     entry["refits"].append({"onnx": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path), "refitted": now(),
                             "weights": weights, "seconds": round(time.perf_counter() - started, 1)})
+    entry["plan_sha256"] = entry.pop("refit_pending_sha256")
     write_manifest(plan.parent, manifest)
     return entry

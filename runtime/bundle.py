@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contracts import CONTRACT_VERSION, ModelContract, get_contract
@@ -44,6 +44,7 @@ class ModelEntry:
     sha256: str
     static_dims: dict
     data_files: list  # external-data files beside the ONNX (models past 2 GB)
+    data_sha256: dict = field(default_factory=dict)  # {data file: sha256}; absent in bundles before hashes
 
 
 class Bundle:
@@ -69,7 +70,7 @@ class Bundle:
         self.models: dict[str, ModelEntry] = {}
         for name, entry in self.manifest.get("models", {}).items():
             self.models[name] = ModelEntry(name, entry["file"], entry["sha256"], dict(entry.get("static_dims", {})),
-                                           list(entry.get("data_files", [])))
+                                           list(entry.get("data_files", [])), dict(entry.get("data_sha256", {})))
         self._verified: set[str] = set()
 
     @property
@@ -124,14 +125,25 @@ class Bundle:
                 raise BundleError(f"bundle {self.root}: {entry.file} does not match its manifest hash "
                                   f"(the file was edited or is incomplete); export the model again")
             for data_file in entry.data_files:
-                if not confined_path(self.root, data_file, f"bundle model {key!r}").is_file():
+                data_path = confined_path(self.root, data_file, f"bundle model {key!r}")
+                if not data_path.is_file():
                     raise BundleError(f"bundle {self.root}: external data file {data_file} of {key} is missing")
+                expected = entry.data_sha256.get(data_file)
+                if expected and sha256_file(data_path) != expected:
+                    raise BundleError(f"bundle {self.root}: {data_file} (the weights of {key}) does not match its "
+                                      f"manifest hash (the file was edited or is incomplete); export the model again")
             self._verified.add(key)
         return path
 
     def file(self, relative: str, what: str) -> Path:
-        """A bundle file other than a model (tokenizer, font), confined to the bundle."""
+        """A bundle file other than a model (tokenizer, font), confined to the bundle, checked
+        against the hash the manifest records for it (bundles before asset hashes: not checked)."""
         path = confined_path(self.root, relative, what)
         if not path.is_file():
             raise BundleError(f"bundle {self.root}: {what} file {relative} is missing")
+        expected = self.manifest.get("asset_sha256", {}).get(relative)
+        if expected and f"asset:{relative}" not in self._verified and sha256_file(path) != expected:
+            raise BundleError(f"bundle {self.root}: {what} file {relative} does not match its manifest hash "
+                              f"(the file was edited); export the bundle again")
+        self._verified.add(f"asset:{relative}")
         return path

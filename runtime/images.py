@@ -4,6 +4,7 @@ so the pipelines only ever see valid arrays (RGB uint8 HxWx3, masks float32 HxW 
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +22,50 @@ MAX_TEXT_LINES = DYNAMIC_DIMS["lines"].max
 MAX_TEXT_CHARS = 200
 #: A mask pixel (or alpha) above this counts as product.
 MASK_THRESHOLD = 0.5
+#: Pillow modes with 8 bits per channel, whose conversion to RGB keeps the picture. 16-bit and
+#: float modes ("I;16", "I", "F": depth maps, scientific TIFFs) would be clipped to white by
+#: ``convert("RGB")``; they are refused rather than turned silently into a blank product.
+EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 def open_image(path: str | os.PathLike, field: str) -> Image.Image:
-    """Decode an image file after checking it exists, is an image and is within MAX_IMAGE_PIXELS."""
+    """Decode an image file after checking it exists, is one still 8-bit image and is within
+    MAX_IMAGE_PIXELS. Every refusal names the field, the file and what was expected."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{field}: file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise InputError(f"{field}: {str(path)!r} is empty (0 bytes); expected a PNG, JPEG or other image file")
     try:
         image = Image.open(path)  # lazy: reads the header only, so the size is known before decoding
-    except (UnidentifiedImageError, OSError) as error:
-        raise InputError(f"{field}: {str(path)!r} is not an image Pillow can read ({type(error).__name__})") from None
     except Image.DecompressionBombError:
         raise InputError(f"{field}: {str(path)!r} is larger than {MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(f"{field}: {str(path)!r} is not an image Pillow can read ({type(error).__name__})") from None
     width, height = image.size
+    if width * height == 0:  # Pillow refuses most such headers itself; a plugin that does not is caught here
+        image.close()
+        raise InputError(f"{field}: {str(path)!r} is {width}x{height} pixels; expected a non-empty image")
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
         raise InputError(f"{field}: {str(path)!r} is {width}x{height} = {width * height} pixels, over the limit "
                          f"of {MAX_IMAGE_PIXELS} (4096x4096); downscale it first")
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:  # GIF / APNG / WebP animations: which frame is the product would be a guess
+        image.close()
+        raise InputError(f"{field}: {str(path)!r} is animated ({frames} frames); expected a still image "
+                         f"(export the frame you want as PNG)")
+    if image.mode not in EIGHT_BIT_MODES:
+        image.close()
+        raise InputError(f"{field}: {str(path)!r} has pixel mode {image.mode!r} (16-bit or float); expected an "
+                         f"8-bit RGB, RGBA, greyscale or palette image")
     try:
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        # Phone photos store their orientation in EXIF: apply it so the pixels are upright.
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # SyntaxError: Pillow's plugins report some malformed headers/EXIF blocks with it
         raise InputError(f"{field}: {str(path)!r} is truncated or corrupt ({error})") from None
-    # Phone photos store their orientation in EXIF: apply it so the pixels are upright.
-    return ImageOps.exif_transpose(image)
 
 
 def load_rgb(path, field: str) -> np.ndarray:
@@ -136,8 +157,21 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def _control_character(text: str) -> tuple[int, str] | None:
+    """(position, character) of the first character no poster can show: C0/C1 controls (NUL,
+    ESC, BEL, ...) and lone surrogates (which cannot even be written as UTF-8)."""
+    for position, character in enumerate(text):
+        if unicodedata.category(character) in ("Cc", "Cs"):
+            return position, character
+    return None
+
+
 def check_texts(texts) -> list[str]:
-    """Poster text lines: at most MAX_TEXT_LINES, none empty, none over MAX_TEXT_CHARS characters."""
+    """Poster text lines: at most MAX_TEXT_LINES, none empty, none over MAX_TEXT_CHARS characters,
+    no control characters. Any script (and any mix of scripts) is accepted: the tokenizers are
+    byte-level and the composer picks a font per line."""
+    if isinstance(texts, (str, bytes)):  # list("Sale") would silently make four one-letter lines
+        raise InputError(f"texts: got the string {texts!r}, expected a list of text lines such as [{texts!r}]")
     texts = list(texts or [])
     if len(texts) > MAX_TEXT_LINES:
         raise InputError(f"--text: got {len(texts)} lines, at most {MAX_TEXT_LINES} fit a poster (the layout "
@@ -146,11 +180,37 @@ def check_texts(texts) -> list[str]:
     for index, text in enumerate(texts, start=1):
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"--text: line {index} is empty ({text!r}); expected visible text")
-        text = " ".join(text.split())  # newlines and runs of spaces: the composer wraps by itself
+        # Unicode NFC: the same words typed on two keyboards give the same tokens and glyphs.
+        # Then whitespace runs and newlines become one space: the composer wraps by itself.
+        text = " ".join(unicodedata.normalize("NFC", text).split())
+        found = _control_character(text)
+        if found is not None:
+            position, character = found
+            kind = "a lone surrogate" if unicodedata.category(character) == "Cs" else "a control character"
+            raise InputError(f"--text: line {index} holds U+{ord(character):04X}, {kind}, at position "
+                             f"{position + 1}; expected printable text")
         if len(text) > MAX_TEXT_CHARS:
             raise InputError(f"--text: line {index} has {len(text)} characters, at most {MAX_TEXT_CHARS} fit a box")
         cleaned.append(text)
     return cleaned
+
+
+#: Category names are a word or two ("running shoes"); the prompt template has room for little more.
+MAX_CATEGORY_CHARS = 60
+
+
+def check_category(category) -> str:
+    """The product category that goes into the background prompt: visible, short, printable."""
+    if not isinstance(category, str) or not category.strip():
+        raise InputError(f"--category: got {category!r}, expected a category name such as 'shoes'")
+    category = " ".join(unicodedata.normalize("NFC", category).split())
+    found = _control_character(category)
+    if found is not None:
+        raise InputError(f"--category: holds U+{ord(found[1]):04X} at position {found[0] + 1}; expected printable text")
+    if len(category) > MAX_CATEGORY_CHARS:
+        raise InputError(f"--category: has {len(category)} characters, at most {MAX_CATEGORY_CHARS} (a category "
+                         f"name such as 'running shoes')")
+    return category
 
 
 def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:

@@ -11,9 +11,12 @@
   ``shm_threshold_bytes`` go through system shared memory regions from a pool the backend owns
   (servers on this host only);
 * requests are spread round robin over the servers. A server that cannot be reached (or is
-  shutting down) is marked down, the request goes to the next one, and the down server is used
-  again only after it passes a health check; when every server is down, the backend retries with
-  exponential backoff before giving up;
+  shutting down, or does not answer in time) is marked down, the request goes to the next one, and
+  the down server is used again only after it passes a health check and still serves the bundle's
+  weights (a restarted server may serve another repository); when every server is down, the
+  backend retries with exponential backoff;
+* ``timeout_s`` bounds one ``run`` call, retries and backoff included: it answers or raises a
+  ``BackendError`` within that time, whatever the servers do (killed, restarted, hung);
 * at connect, every model each server serves is checked against the bundle: tensor names,
   datatypes and shapes against the contract, and the ONNX hash the repository recorded against
   the bundle's manifest. A mismatch fails at once, naming the model and the tensor.
@@ -46,6 +49,31 @@ _RETRYABLE_TEXT = ("unknown model", "no available versions", "is not ready", "se
 
 class ServerUnavailable(Exception):
     """Internal: the request did not reach a working server; it is safe to send it elsewhere."""
+
+
+class CallTimeout(Exception):
+    """Internal: a call to a server did not return within its share of the deadline."""
+
+
+#: A health check of a down server waits at most this long (a hung server must not eat the budget).
+HEALTH_CHECK_TIMEOUT_S = 2.0
+
+
+def bounded_call(scheme: str, method, seconds: float, *args, **kwargs):
+    """``method(*args, **kwargs)`` on a tritonclient client, returning or raising within ``seconds``.
+
+    gRPC calls take a deadline (``client_timeout``). tritonclient's HTTP client only has timeouts
+    per socket operation (a server that trickles bytes, or a long queue, could hold it for much
+    longer); it runs on gevent in the calling thread, so a ``gevent.Timeout`` there interrupts it at
+    its next wait. The interrupted client is closed by ``Connections.client`` (any exception but a
+    refusal drops the connection)."""
+    seconds = max(seconds, 0.001)
+    if scheme == "grpc":
+        return method(*args, client_timeout=seconds, **kwargs)
+    import gevent
+
+    with gevent.Timeout(seconds, CallTimeout(f"no answer within {seconds:.1f} s")):
+        return method(*args, **kwargs)
 
 
 class Connections:
@@ -164,12 +192,19 @@ def _output_shape(spec, sizes: dict[str, int]) -> tuple[int, ...] | None:
 
 class TritonBackend(Backend):
     def __init__(self, bundle: Bundle, urls: str | Sequence[str], *, models: Sequence[str] | None = None,
-                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.25, recheck_s: float = 1.0,
-                 shared_memory: bool = False, shm_threshold_bytes: int = 1 << 20, verify: bool = True):
+                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.25, max_backoff_s: float = 2.0,
+                 recheck_s: float = 1.0, shared_memory: bool = False, shm_threshold_bytes: int = 1 << 20,
+                 verify: bool = True):
         super().__init__(bundle)
-        self.timeout_s = timeout_s
+        if not timeout_s > 0:
+            raise InputError(f"timeout_s: got {timeout_s!r}, expected a positive number of seconds")
+        if retries < 0:
+            raise InputError(f"retries: got {retries!r}, expected 0 or more rounds")
+        self.timeout_s = timeout_s  # the whole budget of one run(), retries included
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.verify = verify
         self.recheck_s = recheck_s  # a down server is health-checked at most this often
         self.shm_threshold_bytes = shm_threshold_bytes
         self.servers = [Server(url, scheme, address,
@@ -188,17 +223,18 @@ class TritonBackend(Backend):
         self._connect(list(models) if models is not None else None, verify)
 
     # -- connect-time checks --------------------------------------------------------------------
-    def _metadata(self, server: Server, model: str) -> tuple[dict, dict]:
+    def _metadata(self, server: Server, model: str, seconds: float) -> tuple[dict, dict]:
         with server.connections.client() as client:
             if server.scheme == "grpc":
-                return (client.get_model_metadata(model, as_json=True),
-                        client.get_model_config(model, as_json=True)["config"])
-            return client.get_model_metadata(model), client.get_model_config(model)
+                return (bounded_call("grpc", client.get_model_metadata, seconds, model, as_json=True),
+                        bounded_call("grpc", client.get_model_config, seconds, model, as_json=True)["config"])
+            return (bounded_call("http", client.get_model_metadata, seconds, model),
+                    bounded_call("http", client.get_model_config, seconds, model))
 
-    def _ready_models(self, server: Server) -> set[str]:
+    def _ready_models(self, server: Server, seconds: float) -> set[str]:
         with server.connections.client() as client:
-            index = client.get_model_repository_index(as_json=True) if server.scheme == "grpc" else \
-                client.get_model_repository_index()
+            index = bounded_call("grpc", client.get_model_repository_index, seconds, as_json=True) \
+                if server.scheme == "grpc" else bounded_call("http", client.get_model_repository_index, seconds)
         if isinstance(index, dict):
             index = index.get("models", [])
         return {m["name"] for m in index if m.get("state") == "READY"}
@@ -206,7 +242,7 @@ class TritonBackend(Backend):
     def _connect(self, models: list[str] | None, verify: bool) -> None:
         for server in self.servers:
             try:
-                ready = self._ready_models(server)
+                ready = self._ready_models(server, self.timeout_s)
             except Exception as error:
                 raise BackendError(f"Triton server {server.url} cannot be reached: {_describe(error)}") from None
             wanted = models if models is not None else [m for m in self.bundle.models if m in ready]
@@ -219,10 +255,10 @@ class TritonBackend(Backend):
                     self._verify(server, model)
                 server.models.add(model)
 
-    def _verify(self, server: Server, model: str) -> None:
+    def _verify(self, server: Server, model: str, seconds: float | None = None) -> None:
         """The server's view of ``model`` must be the bundle's contract and weights."""
         contract = self.contract(model)
-        metadata, config = self._metadata(server, model)
+        metadata, config = self._metadata(server, model, self.timeout_s if seconds is None else seconds)
         where = f"Triton server {server.url} model {model!r}"
         for kind, specs in (("input", contract.inputs), ("output", contract.outputs)):
             served = {t["name"]: t for t in metadata.get(kind + "s", [])}
@@ -250,38 +286,53 @@ class TritonBackend(Backend):
         if self._shm is not None:
             self._shm.forget_server(server.url)
 
-    def _healthy(self, server: Server) -> bool:
-        """Up servers are used; a down one only once ``recheck_s`` passed and a health check passes."""
+    def _healthy(self, server: Server, deadline: float) -> bool:
+        """Up servers are used; a down one only once ``recheck_s`` passed, a health check passes and
+        it still serves the bundle's weights (it may have been restarted on another repository)."""
         if server.down_since is None:
             return True
         if time.monotonic() - server.down_since < self.recheck_s:
             return False
+        seconds = min(HEALTH_CHECK_TIMEOUT_S, deadline - time.monotonic())
+        if seconds <= 0:
+            return False
         try:
             with server.connections.client() as client:
-                ready = bool(client.is_server_ready())
+                ready = bool(bounded_call(server.scheme, client.is_server_ready, seconds))
+            if ready and self.verify:
+                for model in sorted(server.models):
+                    self._verify(server, model, seconds)
+        except BackendError as error:  # back, but serving something else: keep it out
+            ready = False
+            server.last_error = str(error)
         except Exception:
             ready = False
         with self._lock:
             server.down_since = None if ready else time.monotonic()
         return ready
 
-    def _candidates(self, model: str) -> list[Server]:
+    def _candidates(self, model: str, deadline: float) -> list[Server]:
         serving = [s for s in self.servers if model in s.models]
         if not serving:
             raise BackendError(f"no Triton server among {[s.url for s in self.servers]} serves model {model!r}")
         start = next(self._turn) % len(serving)
         ordered = serving[start:] + serving[:start]
-        return [s for s in ordered if self._healthy(s)]
+        return [s for s in ordered if self._healthy(s, deadline)]
 
     # -- inference ----------------------------------------------------------------------------
     def _run(self, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:
             raise BackendError("the Triton backend is closed")
+        started = time.monotonic()
+        deadline = started + self.timeout_s
         failures = []
         for attempt in range(self.retries + 1):
-            for server in self._candidates(contract.name):
+            for server in self._candidates(contract.name, deadline):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
                 try:
-                    outputs = self._infer(server, contract, inputs)
+                    outputs = self._infer(server, contract, inputs, remaining)
                 except ServerUnavailable as error:
                     self._mark_down(server, str(error))
                     failures.append(f"{server.url}: {error}")
@@ -289,18 +340,25 @@ class TritonBackend(Backend):
                 with self._lock:
                     server.answered += 1
                 return outputs
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2 ** attempt)
-        last = failures[-1] if failures else "every server failed its health check"
-        raise BackendError(f"model {contract.name!r}: no Triton server answered after {self.retries + 1} rounds "
-                           f"over {[s.url for s in self.servers]}; last: {last}")
+            pause = min(self.backoff_s * 2 ** attempt, self.max_backoff_s, deadline - time.monotonic())
+            if attempt == self.retries or pause <= 0:
+                break
+            time.sleep(pause)
+        last = failures[-1] if failures else next((f"{s.url}: {s.last_error}" for s in self.servers if s.last_error),
+                                                  "every server failed its health check")
+        spent = time.monotonic() - started
+        why = (f"within its timeout of {self.timeout_s:g} s" if deadline - time.monotonic() <= 0
+               else f"after {attempt + 1} rounds ({spent:.1f} s)")
+        raise BackendError(f"model {contract.name!r}: no Triton server answered {why} over "
+                           f"{[s.url for s in self.servers]}; last: {last}")
 
-    def _infer(self, server: Server, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, server: Server, contract: ModelContract, inputs: dict[str, np.ndarray],
+               seconds: float) -> dict[str, np.ndarray]:
         with server.connections.client() as client:
-            return self._infer_with(client, server, contract, inputs)
+            return self._infer_with(client, server, contract, inputs, seconds)
 
     def _infer_with(self, client, server: Server, contract: ModelContract,
-                    inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                    inputs: dict[str, np.ndarray], seconds: float) -> dict[str, np.ndarray]:
         module = server.connections.module
         checked_out = []  # shared-memory regions of this request, returned to the pool at the end
         try:
@@ -329,7 +387,7 @@ class TritonBackend(Backend):
                     item.set_shared_memory(region.name, nbytes)
                     shm_outputs[spec.name] = (region, shape)
                 requested.append(item)
-            result = self._call(server, client, contract.name, infer_inputs, requested)
+            result = self._call(server, client, contract.name, infer_inputs, requested, seconds)
             outputs = {}
             for spec in contract.outputs:
                 if spec.name in shm_outputs:
@@ -342,11 +400,9 @@ class TritonBackend(Backend):
             for region in checked_out:
                 self._shm.release(region)
 
-    def _call(self, server: Server, client, model: str, infer_inputs, requested):
+    def _call(self, server: Server, client, model: str, infer_inputs, requested, seconds: float):
         try:
-            if server.scheme == "grpc":
-                return client.infer(model, infer_inputs, outputs=requested, client_timeout=self.timeout_s)
-            return client.infer(model, infer_inputs, outputs=requested)
+            return bounded_call(server.scheme, client.infer, seconds, model, infer_inputs, outputs=requested)
         except Exception as error:
             if _retryable(error):
                 raise ServerUnavailable(_describe(error)) from None

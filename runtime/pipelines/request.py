@@ -12,7 +12,7 @@ import numpy as np
 
 from ..contracts import DYNAMIC_DIMS
 from ..errors import InputError
-from ..images import check_texts
+from ..images import MAX_IMAGE_PIXELS, check_category, check_texts
 
 #: Denoising steps a user may ask for. 1 is RADM's default; past 200 no sampler here improves.
 STEPS_RANGE = (1, 200)
@@ -37,11 +37,35 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def check_size(size: tuple[int, int]) -> None:
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
+        raise InputError(f"--size: got {size!r}, expected (width, height) in pixels such as (512, 512)")
     for value, axis in zip(size, ("width", "height")):
         rng = DYNAMIC_DIMS[axis]
         if not rng.min <= value <= rng.max or value % rng.multiple_of:
             raise InputError(f"--size: {axis} {value} must be a multiple of {rng.multiple_of} in "
                              f"{rng.min}..{rng.max}, got {size[0]}x{size[1]}")
+
+
+def _describe_array(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__
+
+
+def check_pixels(array, field: str, channels: int) -> None:
+    """An image given as an array (the Python API's form of --product/--style/--logo): uint8
+    HxWxC, not empty, within the pixel limit the file loader applies."""
+    kind = {3: "RGB", 4: "RGBA"}[channels]
+    if not (isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 3
+            and array.shape[2] == channels):
+        raise InputError(f"{field}: expected an {kind} uint8 array HxWx{channels}, got {_describe_array(array)}")
+    height, width = array.shape[:2]
+    if height * width == 0:
+        raise InputError(f"{field}: the image is {width}x{height} pixels; expected a non-empty image")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise InputError(f"{field}: {width}x{height} = {width * height} pixels is over the limit of "
+                         f"{MAX_IMAGE_PIXELS} (4096x4096); downscale it first")
 
 
 @dataclass
@@ -60,25 +84,37 @@ class PosterRequest:
     scheduler: str = DEFAULT_SCHEDULER
 
     def validate(self) -> "PosterRequest":
-        if not (isinstance(self.product, np.ndarray) and self.product.dtype == np.uint8 and self.product.ndim == 3
-                and self.product.shape[2] == 3):
-            raise InputError(f"product: expected an RGB uint8 array HxWx3, got {getattr(self.product, 'shape', self.product)!r}")
-        if self.product_mask is not None and self.product_mask.shape != self.product.shape[:2]:
-            raise InputError(f"product_mask: shape {self.product_mask.shape} does not match the product image "
-                             f"{self.product.shape[:2]}")
+        check_pixels(self.product, "product", channels=3)
+        if self.product_mask is not None:
+            mask = self.product_mask
+            if not (isinstance(mask, np.ndarray) and mask.dtype.kind == "f" and mask.ndim == 2):
+                raise InputError(f"product_mask: expected a float array HxW with 1 = product, got "
+                                 f"{_describe_array(mask)}")
+            if mask.shape != self.product.shape[:2]:
+                raise InputError(f"product_mask: shape {mask.shape} does not match the product image "
+                                 f"{self.product.shape[:2]}")
+            if not np.isfinite(mask).all():
+                raise InputError("product_mask: contains NaN or Inf; expected values in 0..1 (1 = product)")
+            if mask.size and (mask.min() < 0 or mask.max() > 1):
+                raise InputError(f"product_mask: values must be in 0..1 (1 = product), got min {mask.min():g} "
+                                 f"max {mask.max():g}")
+        if self.style is not None:
+            check_pixels(self.style, "style", channels=3)
+        if self.logo is not None:
+            check_pixels(self.logo, "logo", channels=4)
         self.texts = check_texts(self.texts)
         check_size(self.size)
         for name, value in (("--steps", self.steps), ("--layout-steps", self.layout_steps)):
             if value is not None and (not isinstance(value, (int, np.integer)) or not STEPS_RANGE[0] <= value <= STEPS_RANGE[1]):
                 raise InputError(f"{name}: got {value!r}, expected an integer in {STEPS_RANGE[0]}..{STEPS_RANGE[1]}")
-        if not GUIDANCE_RANGE[0] <= float(self.guidance) <= GUIDANCE_RANGE[1]:
+        if not (isinstance(self.guidance, (int, float, np.number)) and not isinstance(self.guidance, bool)
+                and GUIDANCE_RANGE[0] <= float(self.guidance) <= GUIDANCE_RANGE[1]):
             raise InputError(f"--guidance: got {self.guidance!r}, expected a number in {GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g}")
         if self.scheduler not in SCHEDULERS:
             raise InputError(f"--scheduler: got {self.scheduler!r}, expected one of {', '.join(SCHEDULERS)}")
-        if not 0 <= int(self.seed) < 2 ** 63:
+        if not (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and 0 <= self.seed < 2 ** 63):
             raise InputError(f"--seed: got {self.seed!r}, expected an integer in 0..2**63-1")
-        if not self.category or not self.category.strip():
-            raise InputError(f"--category: got {self.category!r}, expected a category name such as 'shoes'")
+        self.category = check_category(self.category)
         return self
 
 
