@@ -2,7 +2,9 @@
 
 Prologue (once per request): the encoder turns the product image and the text lines into the
 denoiser's cross-attention memory. Loop: the discrete-diffusion sampler calls the denoiser once per
-level. Epilogue: tokens -> boxes in pixels with class names.
+level; when the backend offers it (a Triton server with ``plannet_sampler``), the whole loop runs
+in the server instead, one request for all levels, with the same tokens for the same seed.
+Epilogue: tokens -> boxes in pixels with class names.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from ..errors import InputError
 from ..images import fit_to_canvas, flatten, resize_rgb
 from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from ..text import encode_lines, load_tokenizer
+from ..triton.sampling_loop import find_server_loop
 from .diffusion import family_config, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest
 
@@ -21,10 +24,13 @@ MODELS = ("plannet_encoder", "plannet_denoiser")
 
 
 class PlanNetPlanner:
-    def __init__(self, backend: Backend, progress: bool = True):
+    """``server_loop``: use the backend's server-side loop when it offers one (False: always loop here)."""
+
+    def __init__(self, backend: Backend, progress: bool = True, server_loop: bool = True):
         backend.bundle.require(MODELS)
         self.backend = backend
         self.progress = progress
+        self.server_loop = find_server_loop(backend) if server_loop else None
         self.config = family_config(backend, "plannet")
         self.class_names = list(self.config["class_names"])
         self.sampler = PlanNetSampler(PlanNetSamplerConfig.from_bundle_config(self.config))
@@ -51,9 +57,13 @@ class PlanNetPlanner:
             calls.update()
             return self.backend.run("plannet_denoiser", {"tokens": tokens, "timestep": timestep, **memory})["logits"]
 
+        generator = stage_rng(request.seed, "plan")
         with calls:
-            tokens = self.sampler.sample(denoise, 1, stage_rng(request.seed, "plan"), steps=request.layout_steps,
-                                         fixed_tokens=fixed)
+            if self.server_loop is not None:  # every level in one request; the server draws from `generator`
+                tokens = self.server_loop.sample(memory["memory"], memory["memory_mask"], fixed,
+                                                 request.layout_steps or levels, [generator])
+            else:
+                tokens = self.sampler.sample(denoise, 1, generator, steps=request.layout_steps, fixed_tokens=fixed)
         # -- epilogue: tokens -> boxes -----------------------------------------------------------
         layout, = self.sampler.decode(tokens, [[height, width]])
         # PlanNet gives no confidence: every planned element is kept, with score 1

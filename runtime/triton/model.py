@@ -3,8 +3,9 @@
 ``posterrt repo build`` copies this same file into every ``<model>/1/`` beside ``model.onnx`` and
 ``contract.json`` (the model's resolved I/O contract); nothing in it is specific to one model.
 
-* ``initialize`` opens the ONNX Runtime session once, with the thread counts from the config's
-  parameters (``intra_op_thread_count`` / ``inter_op_thread_count``, the ONNX Runtime backend's keys).
+* ``initialize`` opens the ONNX Runtime session once, with the thread settings from the config's
+  parameters (``intra_op_thread_count`` / ``inter_op_thread_count`` / ``allow_spinning``, the ONNX
+  Runtime backend's keys).
 * ``execute`` validates every request on its own: a bad one (shape, dtype, NaN, out of range) gets a
   ``TritonError`` on its own response, the others are served. Requests Triton batched together
   and with the same non-batch shapes run as ONE ONNX Runtime call: inputs concatenated along the
@@ -107,6 +108,27 @@ def run_batched(session, output_names: list[str], group: list[tuple[int, dict]])
             for i in range(len(group))]
 
 
+def config_parameters(config: dict) -> dict[str, str]:
+    """The ``parameters`` of a model config (as Triton hands it to ``initialize``) as plain strings."""
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def session_options(parameters: dict[str, str]):
+    """ONNX Runtime options from the config's parameters (the ONNX Runtime backend's keys).
+
+    ``allow_spinning`` defaults to 0: a spinning idle pool thread burns a core that the other
+    models' stubs (and, on a shared machine, everything else) need; benchmarks/RESULTS.md
+    (Serving) has the measurement.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", 1))
+    options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", 1))
+    options.add_session_config_entry("session.intra_op.allow_spinning", parameters.get("allow_spinning", "0"))
+    return options
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import onnxruntime as ort
@@ -117,13 +139,8 @@ class TritonPythonModel:
         self.input_names = [spec["name"] for spec in self.document["inputs"]]
         self.output_names = [spec["name"] for spec in self.document["outputs"]]
         self.validate = contract_validator(self.document)
-        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", 1))
-        options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", 1))
-        # idle pool threads must not spin: other models' stubs share the same cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(config_parameters(config)),
+                                            providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -109,6 +109,12 @@ class ServingOptions:
     #: oversubscribe a small machine as soon as two models are busy.
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    #: cpu flavor: let idle ONNX Runtime pool threads spin (off: they would burn cores the other
+    #: models' stubs need; on only pays with intra_op_threads > 1 on an otherwise idle machine)
+    allow_spinning: bool = False
+    #: cpu flavor: also serve the sampling loops that run in the server (``plannet_sampler``, one
+    #: request per PlanNet plan instead of one per step) when every model is written
+    server_loops: bool = True
     gpu_accelerator: str = "tensorrt"  # gpu-onnx: "tensorrt" (TensorRT EP, CUDA fallback) or "cuda"
     trt_precision: str = "FP16"
     trt_workspace_bytes: int = 4 << 30
@@ -166,6 +172,8 @@ def build_model_config(contract: ModelContract, options: ServingOptions, paramet
         # same keys as Triton's ONNX Runtime backend, read by our generic model.py
         params.update(intra_op_thread_count=str(options.intra_op_threads),
                       inter_op_thread_count=str(options.inter_op_threads))
+        if options.allow_spinning:  # model.py's default is off
+            params["allow_spinning"] = "1"
     elif options.flavor == "gpu-onnx":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"

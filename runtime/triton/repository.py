@@ -8,6 +8,10 @@ Flavors (``model_config.FLAVORS``):
   or CUDA execution accelerator.
 * ``gpu-trt``: ``platform: "tensorrt_plan"``; ``1/model.plan`` taken from ``--engines``.
 
+Server-side loops (cpu flavor, written with the whole bundle, ``ServingOptions.server_loops``):
+``plannet_sampler/1/`` holds ``sampling_loop.py`` as ``model.py``, a link to the PlanNet denoiser's
+ONNX and ``sampler.json`` (the bundle's plannet config): PlanNet's 100-step loop in one request.
+
 The client side does not live here: a client is handed the bundle folder itself (manifest and
 tokenizers; the ONNX files are not needed to talk to Triton), see ``write_client_bundle``.
 """
@@ -26,6 +30,7 @@ from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, Se
                            build_model_config, to_pbtxt)
 
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
+SAMPLING_LOOP_TEMPLATE = Path(__file__).with_name("sampling_loop.py")
 CONTRACT_FILE = "contract.json"
 VERSION = "1"
 ENGINES_MANIFEST = "manifest.json"  # written by `posterrt engines build` beside the plans
@@ -44,6 +49,9 @@ class RepositoryReport:
     root: Path
     flavor: str
     models: list[ModelReport] = field(default_factory=list)
+    #: serving-only models that drive a bundle model in the server (``plannet_sampler``)
+    server_loops: list[ModelReport] = field(default_factory=list)
+
 
     @property
     def missing_plans(self) -> list[str]:
@@ -137,6 +145,57 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
     return ModelReport(name, folder, True)
 
 
+def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions) -> ModelReport:
+    """``plannet_sampler``: runtime/triton/sampling_loop.py with its own link to the denoiser's ONNX."""
+    from . import sampling_loop
+
+    entry = bundle.models[sampling_loop.DENOISER]
+    contract = sampling_loop.PLANNET_SAMPLER.resolve(entry.static_dims)
+    parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION}
+    # "in-process" unless the options' extra parameters choose "bls" (kept for the benchmark)
+    parameters[sampling_loop.DENOISER_CALL_PARAMETER] = options.extra_parameters.get(
+        sampling_loop.DENOISER_CALL_PARAMETER, "in-process")
+    version = folder / VERSION
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, options, parameters)))
+    shutil.copyfile(SAMPLING_LOOP_TEMPLATE, version / "model.py")
+    _link_or_copy(bundle.model_path(sampling_loop.DENOISER), version / sampling_loop.DENOISER_FILE)
+    settings = {"plannet": bundle.config.get("plannet", {}), "static_dims": entry.static_dims}
+    (version / sampling_loop.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    return ModelReport(sampling_loop.MODEL_NAME, folder, True)
+
+
+def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
+    """The server-side loops to write: on the cpu flavor, when the whole bundle is served (or a
+    loop is named in ``models``) and the bundle has the model the loop drives."""
+    from .sampling_loop import DENOISER, MODEL_NAME
+
+    wanted = (models is None and options.server_loops) or (models is not None and MODEL_NAME in models)
+    if not wanted or DENOISER not in bundle.models or "plannet" not in bundle.config:
+        return []
+    if options.flavor != "cpu":
+        if models is not None:
+            raise InputError(f"--models: {MODEL_NAME} runs ONNX Runtime in a Python-backend model: cpu flavor only, "
+                             f"got --flavor {options.flavor}")
+        return []
+    return [MODEL_NAME]
+
+
+def _swap_in(root: Path, name: str, write) -> ModelReport:
+    """Stage ``write(staging_folder)`` beside ``root/name``, then swap it in whole."""
+    final = root / name
+    staging = root / f".{name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        report = write(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.folder = final
+    return report
+
+
 def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike, options: ServingOptions | None = None,
                      models: list[str] | None = None, engines: str | os.PathLike | None = None) -> RepositoryReport:
     """Write (or replace) the folders of ``models`` (default: every model of the bundle) under ``out``.
@@ -146,8 +205,9 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     """
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     options = options or ServingOptions()
-    names = list(bundle.models) if models is None else list(models)
-    if not names:
+    loops = server_loops_for(bundle, options, models)
+    names = list(bundle.models) if models is None else [m for m in models if m not in loops]
+    if not names and not loops:
         raise BundleError(f"bundle {bundle.root} has no models to serve")
     bundle.require(names)
     engines = Path(engines) if engines else None
@@ -157,17 +217,9 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     root.mkdir(parents=True, exist_ok=True)
     report = RepositoryReport(root, options.flavor)
     for name in names:
-        final = root / name
-        staging = root / f".{name}.staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            model_report = _write_model(bundle, name, staging, options, engines)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        model_report.folder = final
-        report.models.append(model_report)
+        report.models.append(_swap_in(root, name, lambda staging: _write_model(bundle, name, staging, options, engines)))
+    for name in loops:
+        report.server_loops.append(_swap_in(root, name, lambda staging: _write_sampling_loop(bundle, staging, options)))
     return report
 
 

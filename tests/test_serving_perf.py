@@ -1,0 +1,300 @@
+"""Serving performance features, functionally (timings live in benchmarks/RESULTS.md, not here):
+the server-side PlanNet loop gives the client loop's tokens for the same seed (in-process with a
+stand-in for Triton's ``pb_utils``, then through a real tritonserver, in-process and BLS), the
+generator state it carries, the repository folder it is served from, and the serving defaults."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from posterrt.runtime.backends.onnxruntime import OrtBackend
+from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.contracts import CONTRACTS, STEP
+from posterrt.runtime.errors import ContractError, InputError
+from posterrt.runtime.samples import default_sizes, sample_inputs
+from posterrt.runtime.schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
+from posterrt.runtime.triton import model_config as mc
+from posterrt.runtime.triton import sampling_loop as sl
+from posterrt.runtime.triton.repository import SAMPLING_LOOP_TEMPLATE, build_repository
+
+from helpers_triton import export_served_bundle, start_server
+
+
+@pytest.fixture(scope="module")
+def plan_bundle(tmp_path_factory) -> Path:
+    """PlanNet alone (two small real models), or POSTERRT_TEST_BUNDLE when it names a bundle."""
+    reuse = os.environ.get("POSTERRT_TEST_BUNDLE")
+    if reuse:
+        return Path(reuse)
+    return export_served_bundle(tmp_path_factory.mktemp("plan-bundle") / "tiny", families=("plannet",))
+
+
+@pytest.fixture(scope="module")
+def bundle(plan_bundle) -> Bundle:
+    return Bundle(plan_bundle)
+
+
+@pytest.fixture(scope="module")
+def sampler(bundle) -> PlanNetSampler:
+    return PlanNetSampler(PlanNetSamplerConfig.from_bundle_config(bundle.config["plannet"]))
+
+
+@pytest.fixture(scope="module")
+def embedded(bundle):
+    with OrtBackend(bundle, intra_op_threads=1) as backend:
+        yield backend
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def memory_for(bundle, seed: int, memory_tokens: int | None = None) -> dict:
+    sizes = {**default_sizes("small"), "batch": 1}
+    if memory_tokens:
+        sizes["memory_tokens"] = memory_tokens
+    contract = bundle.contract("plannet_denoiser")
+    inputs = sample_inputs(contract, sizes, seed)
+    return {"memory": inputs["memory"], "memory_mask": inputs["memory_mask"]}
+
+
+def fixed_product(sampler) -> np.ndarray:
+    fixed = sampler.blank_tokens(1)
+    fixed[0, 0, 0] = 0  # element 0 is the product, as the planner fixes it
+    return fixed
+
+
+def client_loop(embedded, sampler, memory, fixed, steps, seed):
+    """The pipeline's own loop: one backend call per level. Returns (tokens, generator after)."""
+    generator = np.random.default_rng([seed, 7])
+
+    def denoise(tokens, timestep):
+        return embedded.run("plannet_denoiser", {"tokens": tokens, "timestep": timestep, **memory})["logits"]
+
+    return sampler.sample(denoise, 1, generator, steps=steps, fixed_tokens=fixed), generator
+
+
+# --- generator state on the wire ---------------------------------------------------------------
+def test_generator_state_round_trips_mid_stream():
+    generator = np.random.default_rng([fresh_seed(), 3])
+    generator.random(5)
+    generator.integers(0, 10, size=3, dtype=np.uint32)  # leaves a buffered 32-bit half behind
+    words = sl.generator_state(generator)
+    assert words.dtype == np.int64 and words.shape == (sl.RNG_WORDS,)
+    copy = sl.generator_from_state(words)
+    assert copy.bit_generator.state == generator.bit_generator.state
+    assert np.array_equal(copy.gumbel(size=100), generator.gumbel(size=100))
+
+
+def test_bad_generator_states_are_refused():
+    words = sl.generator_state(np.random.default_rng(1))
+    even_increment = words.copy()
+    even_increment[3] &= ~1
+    with pytest.raises(ContractError, match="rng_state"):
+        sl.generator_from_state(even_increment)
+    with pytest.raises(InputError, match="PCG64"):
+        sl.generator_state(np.random.Generator(np.random.MT19937(1)))
+
+
+def test_row_generators_draw_what_each_batch_one_loop_draws():
+    seeds = [fresh_seed() for _ in range(3)]
+    rows = sl.RowGenerators([np.random.default_rng(s) for s in seeds])
+    gumbel, uniform = rows.gumbel(size=(3, 4, 5)), rows.random((3, 4))
+    for index, seed in enumerate(seeds):
+        alone = np.random.default_rng(seed)
+        assert np.array_equal(gumbel[index:index + 1], alone.gumbel(size=(1, 4, 5)))
+        assert np.array_equal(uniform[index:index + 1], alone.random((1, 4)))
+
+
+# --- the sampler model in-process, with a stand-in for pb_utils --------------------------------
+class FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors}
+        self.error = error
+
+
+@pytest.fixture(scope="module")
+def sampler_repo(bundle, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("sampler-repo") / "repo"
+    build_repository(bundle, repo, models=[sl.MODEL_NAME])
+    return repo
+
+
+@pytest.fixture(scope="module")
+def sampler_model(sampler_repo):
+    """sampling_loop.py loaded from the repository as Triton's stub loads it."""
+    spec = importlib.util.spec_from_file_location("posterrt_sampler_under_test", sampler_repo / sl.MODEL_NAME / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.pb_utils = types.SimpleNamespace(Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Exception,
+                                            get_input_tensor_by_name=lambda request, name: request.get(name))
+    config = (sampler_repo / sl.MODEL_NAME / "config.pbtxt").read_text()
+    parameters = {k: {"string_value": v.string_value}
+                  for k, v in text_format.Parse(config, pb.ModelConfig()).parameters.items()}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": parameters}),
+                      "model_repository": str(sampler_repo / sl.MODEL_NAME), "model_version": "1"})
+    return model
+
+
+def sampler_request(memory, fixed, steps, generator) -> dict:
+    inputs = {**memory, "fixed_tokens": fixed, "steps": np.full(len(fixed), steps, dtype=np.int64),
+              "rng_state": sl.generator_state(generator)[None]}
+    return {name: FakeTensor(name, array) for name, array in inputs.items()}
+
+
+@pytest.mark.parametrize("steps", [100, 7])
+def test_server_loop_gives_the_client_loops_tokens(sampler_model, bundle, sampler, embedded, steps):
+    seed = fresh_seed()
+    memory, fixed = memory_for(bundle, seed), fixed_product(sampler)
+    expected, after = client_loop(embedded, sampler, memory, fixed, steps, seed)
+    (response,) = sampler_model.execute([sampler_request(memory, fixed, steps, np.random.default_rng([seed, 7]))])
+    assert response.error is None, response.error
+    assert np.array_equal(response.outputs["tokens"], expected)
+    assert (response.outputs["tokens"][:, 0, 0] == 0).all(), "fixed tokens stay"
+    assert sl.generator_from_state(response.outputs["final_rng_state"][0]).bit_generator.state == after.bit_generator.state
+
+
+def test_requests_batched_into_one_loop_each_get_their_own_tokens(sampler_model, bundle, sampler, embedded):
+    """Three plans with their own seeds in one loop, a fourth with another memory length in its own,
+    and a bad request answered with an error alone."""
+    seeds = [fresh_seed() for _ in range(4)]
+    memories = [memory_for(bundle, s) for s in seeds[:3]] + [memory_for(bundle, seeds[3], memory_tokens=5)]
+    fixed, steps = fixed_product(sampler), 10
+    requests = [sampler_request(m, fixed, steps, np.random.default_rng([s, 7])) for m, s in zip(memories, seeds)]
+    bad = sampler_request(memories[0], fixed, sampler.config.num_timesteps + 1, np.random.default_rng(0))
+    calls = []
+    run = sampler_model.denoiser.session.run_with_iobinding
+    sampler_model.denoiser.session.run_with_iobinding = lambda binding: (calls.append(1), run(binding))
+    try:
+        responses = sampler_model.execute(requests[:2] + [bad] + requests[2:])
+    finally:
+        del sampler_model.denoiser.session.run_with_iobinding
+    assert len(calls) == 2 * steps, "two loops: three plans batched, the other memory length alone"
+    assert "steps" in str(responses[2].error) and responses[2].outputs == {}
+    for response, memory, seed in zip(responses[:2] + responses[3:], memories, seeds):
+        assert response.error is None, response.error
+        expected, _ = client_loop(embedded, sampler, memory, fixed, steps, seed)
+        assert np.array_equal(response.outputs["tokens"], expected)
+
+
+# --- the repository folder --------------------------------------------------------------------
+def read_config(folder: Path) -> pb.ModelConfig:
+    return text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+
+
+def test_sampler_folder(bundle, sampler_repo):
+    folder = sampler_repo / sl.MODEL_NAME
+    version = folder / "1"
+    assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", sl.DENOISER_FILE, sl.SETTINGS_FILE])
+    assert (version / "model.py").read_text() == SAMPLING_LOOP_TEMPLATE.read_text()
+    assert os.path.samefile(version / sl.DENOISER_FILE, bundle.model_path("plannet_denoiser"))
+    assert json.loads((version / sl.SETTINGS_FILE).read_text())["plannet"] == bundle.config["plannet"]
+    config = read_config(folder)
+    contract = sl.PLANNET_SAMPLER.resolve(bundle.models["plannet_denoiser"].static_dims)
+    assert config.backend == "python" and [t.name for t in config.input] == contract.input_names
+    assert [t.name for t in config.output] == contract.output_names
+    assert config.parameters[mc.ONNX_SHA256_PARAMETER].string_value == bundle.models["plannet_denoiser"].sha256
+    assert config.parameters[sl.DENOISER_CALL_PARAMETER].string_value == "in-process"
+
+
+def test_which_repositories_get_the_sampler(bundle, tmp_path):
+    whole = build_repository(bundle, tmp_path / "whole")
+    assert [m.name for m in whole.server_loops] == [sl.MODEL_NAME] and (tmp_path / "whole" / sl.MODEL_NAME).is_dir()
+    assert [m.name for m in whole.models] == list(bundle.models), "bundle models reported as before"
+    subset = build_repository(bundle, tmp_path / "subset", models=["plannet_denoiser"])
+    assert not subset.server_loops and not (tmp_path / "subset" / sl.MODEL_NAME).exists()
+    off = build_repository(bundle, tmp_path / "off", mc.ServingOptions(server_loops=False))
+    assert not off.server_loops
+    gpu = build_repository(bundle, tmp_path / "gpu", mc.ServingOptions(flavor="gpu-onnx"))
+    assert not gpu.server_loops
+    with pytest.raises(InputError, match="cpu flavor only"):
+        build_repository(bundle, tmp_path / "gpu2", mc.ServingOptions(flavor="gpu-onnx"), models=[sl.MODEL_NAME])
+    bls = build_repository(bundle, tmp_path / "bls", mc.ServingOptions(extra_parameters={sl.DENOISER_CALL_PARAMETER: "bls"}),
+                           models=[sl.MODEL_NAME])
+    assert read_config(bls.server_loops[0].folder).parameters[sl.DENOISER_CALL_PARAMETER].string_value == "bls"
+
+
+# --- serving defaults -------------------------------------------------------------------------
+def resolved(name):
+    contract = CONTRACTS[name]
+    return contract.resolve({dim: 8 for dim in contract.static_dims})
+
+
+def test_spinning_is_a_parameter_only_when_asked_for():
+    quiet = mc.build_model_config(resolved("plannet_denoiser"), mc.ServingOptions())
+    assert "allow_spinning" not in quiet.parameters
+    spinning = mc.build_model_config(resolved("plannet_denoiser"), mc.ServingOptions(allow_spinning=True))
+    assert spinning.parameters["allow_spinning"].string_value == "1"
+
+
+# --- through a real tritonserver -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(bundle, tmp_path_factory):
+    """A server of the whole (PlanNet) bundle: the repository includes the in-process sampler."""
+    repo = tmp_path_factory.mktemp("served") / "repo"
+    build_repository(bundle, repo)
+    server = start_server(repo)
+    yield server
+    server.stop()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_planner_through_triton_uses_the_server_loop_and_plans_as_embedded(served, bundle, embedded, protocol):
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.pipelines.plan import PlanNetPlanner
+    from posterrt.runtime.pipelines.request import PosterRequest
+
+    url = served.grpc_url if protocol == "grpc" else served.http_url
+    rng = np.random.default_rng(fresh_seed())
+    request = PosterRequest(product=rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), texts=["New arrival", "Sale"],
+                            size=(256, 384), seed=fresh_seed()).validate()
+    with TritonBackend(bundle, url) as triton:
+        planner = PlanNetPlanner(triton, progress=False)
+        assert planner.server_loop is not None, "the server serves plannet_sampler for this bundle"
+        before = triton.servers[0].answered
+        served_plan = planner(request)
+        assert triton.servers[0].answered == before + 1, "only the encoder went through the per-model path"
+        client_plan = PlanNetPlanner(triton, progress=False, server_loop=False)(request)
+    embedded_plan = PlanNetPlanner(embedded, progress=False)(request)
+    assert PlanNetPlanner(embedded, progress=False).server_loop is None
+    for plan in (served_plan, client_plan):
+        assert [(e.cls, e.box) for e in plan] == [(e.cls, e.box) for e in embedded_plan]
+
+
+@pytest.mark.triton
+def test_bls_sampler_gives_the_same_tokens(bundle, sampler, embedded, tmp_path):
+    repo = tmp_path / "repo"
+    build_repository(bundle, repo, mc.ServingOptions(extra_parameters={sl.DENOISER_CALL_PARAMETER: "bls"}))
+    server = start_server(repo)
+    try:
+        from posterrt.runtime.backends.triton import TritonBackend
+
+        with TritonBackend(bundle, server.grpc_url) as triton:
+            loop = sl.find_server_loop(triton)
+            seed = fresh_seed()
+            memory, fixed = memory_for(bundle, seed), fixed_product(sampler)
+            generator = np.random.default_rng([seed, 7])
+            tokens = loop.sample(memory["memory"], memory["memory_mask"], fixed, 12, [generator])
+        expected, after = client_loop(embedded, sampler, memory, fixed, 12, seed)
+        assert np.array_equal(tokens, expected)
+        assert generator.bit_generator.state == after.bit_generator.state
+    finally:
+        server.stop()
