@@ -1,4 +1,4 @@
-"""`posterrt engines {build,clean,refit,show}`: arguments here; TensorRT is imported only by build/refit."""
+"""`posterrt engines {build,clean,refit,show,optimize}`: arguments here; TensorRT is imported only by build/refit."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ from pathlib import Path
 from posterrt.runtime.contracts import MODEL_NAMES
 from posterrt.runtime.errors import InputError, ParityError
 
+from .ort_optimize import VARIANTS as ORT_VARIANTS
 from .precision import PRECISIONS
 
 
@@ -55,9 +56,15 @@ def add_arguments(parser):
     show = sub.add_parser("show", help="list the engines of a folder and whether they fit this machine")
     show.add_argument("--engines", required=True, type=Path)
 
+    optimize = sub.add_parser("optimize", help="write a gated ONNX Runtime CPU variant (fp32-opt, int8) of models into the bundle")
+    optimize.add_argument("--bundle", required=True, type=Path)
+    optimize.add_argument("--variant", required=True, choices=ORT_VARIANTS)
+    optimize.add_argument("--models", default="bg_unet,render_unet", help="comma-separated (default bg_unet,render_unet)")
+    optimize.add_argument("--out", type=Path, help="also write the build and gate reports there as optimize-VARIANT.json")
+
 
 def run(args) -> int:
-    return {"build": _build, "clean": _clean, "refit": _refit, "show": _show}[args.action](args)
+    return {"build": _build, "clean": _clean, "refit": _refit, "show": _show, "optimize": _optimize}[args.action](args)
 
 
 def _build(args) -> int:
@@ -134,4 +141,19 @@ def _show(args) -> int:
                 status = str(error)
         print(f"{name:18s} {entry['precision']:5s} TensorRT {entry['tensorrt_version']}  {entry['gpu']['name']} "
               f"(sm {entry['gpu']['compute_capability']})  refits {len(entry['refits'])}  {status}")
+    return 0
+
+
+def _optimize(args) -> int:
+    from .ort_optimize import optimize_bundle
+
+    entries = optimize_bundle(args.bundle, args.variant, _models(args.models))
+    for name, entry in entries.items():
+        figures = entry["gate"]["figures"]
+        psnr = figures.get("image_psnr_db", figures.get("latent_psnr_db"))
+        print(f"{name:18s} {args.variant}  {entry['bytes'] / 1e6:8.1f} MB  noise rel RMS {figures['noise_rel_rms']:.1e}"
+              + (f"  PSNR {psnr:.1f} dB" if psnr is not None else "") + f"  {args.bundle / entry['file']}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"optimize-{args.variant}.json").write_text(json.dumps(entries, indent=2, sort_keys=True))
     return 0

@@ -8,7 +8,7 @@ an existing session run concurrently (``InferenceSession.run`` is thread-safe).
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -26,12 +26,18 @@ class OrtBackend(Backend):
 
     ``intra_op_threads`` / ``inter_op_threads``: ONNX Runtime's thread pools (None = its default,
     one thread per physical core). ``providers``: execution providers in priority order; those this
-    onnxruntime build lacks are refused up front rather than silently dropped.
+    onnxruntime build lacks are refused up front rather than silently dropped. ``variants``:
+    ``{model: variant}`` loads ``posterrt engines optimize``'s variant of those models (``int8``,
+    ``fp32-opt``) instead of the exported file.
     """
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 providers: Sequence[str] = DEFAULT_PROVIDERS, optimization_level: str = "all"):
+                 providers: Sequence[str] = DEFAULT_PROVIDERS, optimization_level: str = "all",
+                 variants: Mapping[str, str] | None = None):
         super().__init__(bundle)
+        self.variants = dict(variants or {})
+        for model, variant in self.variants.items():
+            bundle.model_path(model, verify=False, variant=variant)  # unknown or stale variants fail here
         self.options_template = _session_options(intra_op_threads, inter_op_threads, optimization_level)
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
@@ -52,7 +58,7 @@ class OrtBackend(Backend):
             lock = self._locks.setdefault(model, threading.Lock())
         with lock:
             if model not in self._sessions:
-                path = self.bundle.model_path(model)
+                path = self.bundle.model_path(model, variant=self.variants.get(model))
                 try:
                     self._sessions[model] = ort.InferenceSession(str(path), self.options_template,
                                                                  providers=self.providers)
