@@ -1,0 +1,132 @@
+"""ONNX Runtime CPU variants on the tiny preset: written into the bundle only after the gate,
+fp32-opt keeps export parity, int8 keeps its fp32 islands, and the runtime can select them."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from posterrt.engines import ort_optimize
+from posterrt.engines.quality_gate import EXACT
+from posterrt.runtime.bundle import MANIFEST, Bundle
+from posterrt.runtime.errors import BundleError, InputError
+from posterrt.runtime.samples import default_sizes, sample_inputs
+
+MODEL = "bg_unet"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_bundle, tmp_path_factory):
+    """A private copy: optimizing writes variants and a new manifest into the bundle folder."""
+    folder = tmp_path_factory.mktemp("optimize") / "tiny"
+    shutil.copytree(tiny_bundle, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp32_opt(bundle_dir):
+    return ort_optimize.optimize_bundle(bundle_dir, "fp32-opt", [MODEL], progress=lambda _: None)[MODEL]
+
+
+@pytest.fixture(scope="module")
+def int8(bundle_dir):
+    return ort_optimize.optimize_bundle(bundle_dir, "int8", [MODEL], progress=lambda _: None)[MODEL]
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_fp32_opt_is_written_registered_and_fused(bundle_dir, fp32_opt):
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    entry = manifest["variants"][MODEL]["fp32-opt"]
+    assert entry["file"] == f"{MODEL}.fp32-opt.onnx" and (bundle_dir / entry["file"]).is_file()
+    assert entry["source_sha256"] == manifest["models"][MODEL]["sha256"]
+    assert entry["gate"]["passed"] and entry["gate"]["tolerances"]["noise_max_rel"] == EXACT.noise_max_rel
+    # the self-attention layers became ORT's fused Attention kernel
+    assert fp32_opt["build"]["fusions"].get("Attention", 0) > 0
+    ops = {node.op_type for node in onnx.load(str(bundle_dir / entry["file"])).graph.node}
+    assert "Attention" in ops
+
+
+def test_fp32_opt_keeps_parity_on_fresh_inputs(bundle_dir, fp32_opt):
+    """1e-4 of the output's scale, like the export's own parity check, at two sizes of every axis."""
+    bundle = Bundle(bundle_dir)
+    contract = bundle.contract(MODEL)
+    original = _session(bundle.model_path(MODEL))
+    optimized = _session(bundle.model_path(MODEL, variant="fp32-opt"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    for index, kind in enumerate(("small", "other")):
+        inputs = sample_inputs(contract, default_sizes(kind), seed + index)
+        expected = original.run(None, inputs)[0]
+        actual = optimized.run(None, inputs)[0]
+        relative = np.abs(actual - expected).max() / np.abs(expected).max()
+        assert relative <= 1e-4, f"seed {seed}, {kind}: {relative:.2e}"
+
+
+def test_int8_is_quantized_with_fp32_islands(bundle_dir, int8):
+    path = bundle_dir / int8["file"]
+    graph = onnx.load(str(path)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) > 10
+    # the attention score / value MatMuls (two activations) were not quantized
+    original = onnx.load(str(Bundle(bundle_dir).model_path(MODEL)))
+    kept = ort_optimize.fp32_nodes(original)
+    assert kept["activation_matmul"] and kept["io_conv"]
+    names = {node.name for node in graph.node if node.op_type == "MatMul"}
+    assert set(kept["activation_matmul"]) <= names
+    assert int8["gate"]["passed"]
+    assert path.stat().st_size < 0.5 * Bundle(bundle_dir).model_path(MODEL).stat().st_size
+
+
+def test_backend_runs_the_selected_variant(bundle_dir, int8):
+    from posterrt.runtime.backends.onnxruntime import OrtBackend
+
+    bundle = Bundle(bundle_dir)
+    inputs = sample_inputs(bundle.contract(MODEL), default_sizes("small"), seed=3)
+    with OrtBackend(bundle, variants={MODEL: "int8"}) as backend:
+        got = backend.run(MODEL, inputs)["noise_pred"]
+    direct = _session(bundle_dir / int8["file"]).run(None, inputs)[0]
+    fp32 = _session(bundle.model_path(MODEL)).run(None, inputs)[0]
+    np.testing.assert_array_equal(got, direct)
+    assert not np.array_equal(got, fp32)
+
+
+def test_unknown_and_stale_variants_are_refused(bundle_dir, int8, tmp_path):
+    with pytest.raises(BundleError, match="has no variant 'bf16'"):
+        Bundle(bundle_dir).model_path(MODEL, variant="bf16")
+    with pytest.raises(InputError, match="--variant"):
+        ort_optimize.check_variant("fp8")
+    # a re-exported model (another hash) makes its old variants stale
+    stale = tmp_path / "stale"
+    shutil.copytree(bundle_dir, stale)
+    manifest = json.loads((stale / MANIFEST).read_text())
+    manifest["models"][MODEL]["sha256"] = "0" * 64
+    (stale / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="made from another export"):
+        Bundle(stale).model_path(MODEL, verify=False, variant="int8")
+
+
+def test_cli_optimize_writes_dynamic_int8_and_report(bundle_dir, tmp_path):
+    report = tmp_path / "reports"
+    result = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "engines", "optimize", "--bundle", str(bundle_dir),
+                             "--variant", "int8-dynamic", "--models", MODEL, "--out", str(report)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{MODEL}.int8-dynamic.onnx" in result.stdout and "PSNR" in result.stdout
+    written = json.loads((report / "optimize-int8-dynamic.json").read_text())
+    assert written[MODEL]["gate"]["passed"]
+    assert "int8-dynamic" in Bundle(bundle_dir).variants(MODEL)
+    bad = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "engines", "optimize", "--bundle", str(bundle_dir),
+                          "--variant", "fp8"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
