@@ -25,6 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--from-pretrained", action="extend", nargs="+", metavar="COMPONENT=PATH",
                         help="diffusers/transformers folders: unet=, controlnet=, vae=, text_encoder=, image_encoder=, tokenizer=")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (or add models to)")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="skip the accuracy report (pipelines, ONNX Runtime against PyTorch) and its gate")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -35,10 +37,20 @@ def run(args) -> int:
     preset = check_preset(args.preset)
     models = parse_models(args.models)
     sources = Sources(_pairs(args.checkpoint, "--checkpoint"), _pairs(args.from_pretrained, "--from-pretrained"))
-    manifest = export_bundle(preset, models, args.out, sources, progress=not args.quiet)
+    manifest = export_bundle(preset, models, args.out, sources, progress=not args.quiet, accuracy=not args.no_accuracy)
     for name in models:
         entry = manifest["models"][name]
         print(f"{name:18s} {entry['bytes'] / 1e6:9.1f} MB  parity max rel {entry['parity']['max_rel']:.1e} "
               f"(tol {entry['parity']['tolerance_rel']:.0e})  {entry['export_seconds']:.1f}s")
+    _print_accuracy(args.out, ran=not args.no_accuracy)
     print(f"bundle: {args.out} ({manifest['export_seconds']}s)")
     return 0
+
+
+def _print_accuracy(out: Path, ran: bool) -> None:
+    from posterrt.runtime.accuracy import REPORT_FILE, summary_lines
+
+    path = out / REPORT_FILE
+    if ran and path.is_file():
+        print("\n".join(summary_lines(json.loads(path.read_text()))))
+        print(f"accuracy report: {path}")
