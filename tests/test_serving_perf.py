@@ -298,3 +298,36 @@ def test_bls_sampler_gives_the_same_tokens(bundle, sampler, embedded, tmp_path):
         assert generator.bit_generator.state == after.bit_generator.state
     finally:
         server.stop()
+
+
+# --- the benchmark's bookkeeping (no timing assertions: synthetic calls) ------------------------
+def test_step_hoisting_pools_rounds_and_ignores_the_gap_between_them():
+    from posterrt.benchmarks.serving import step_hoisting
+
+    def round_(start):  # prologue, then 4 steps of 10 ms every 12 ms
+        return [("enc", start, 0.005)] + [("unet", start + 0.01 + 0.012 * i, 0.010) for i in range(4)]
+
+    found = step_hoisting([round_(0.0), round_(100.0)], "unet")
+    assert found["steps"] == 4
+    assert found["interval_p50_ms"] == pytest.approx(12.0) and found["model_call_p50_ms"] == pytest.approx(10.0)
+    assert found["loop_overhead_ratio"] == pytest.approx(1.2)
+    assert step_hoisting([round_(0.0)[:2]], "unet") is None
+
+
+def test_targets_are_checked_against_the_issues_limits():
+    from posterrt.benchmarks.serving import check_targets, target_notes
+
+    results = {
+        "stages": [{"pipeline": "layout", "stage": "end_to_end", "backend": "triton-grpc", "ratio_to_embedded": 1.10},
+                   {"pipeline": "render", "stage": "end_to_end", "backend": "triton-grpc", "ratio_to_embedded": 1.06},
+                   {"pipeline": "render", "stage": "end_to_end", "backend": "embedded", "ratio_to_embedded": 1.0}],
+        "throughput": [{"model": "radm_head", "dynamic_batching": True, "concurrency": c, "rps": r}
+                       for c, r in ((1, 10.0), (4, 16.0))],
+        "step_hoisting": [{"pipeline": "background", "backend": "embedded", "step_model": "bg_unet",
+                           "loop_overhead_ratio": 1.01}],
+    }
+    met = {(t["target"], t["what"].split(",")[0]): t["met"] for t in check_targets(results)}
+    assert met == {(2, "layout end_to_end"): True, (2, "render end_to_end"): False,
+                   (3, "radm_head: requests/s at concurrency 4 / concurrency 1"): True,
+                   (4, "background bg_unet on embedded: step interval / call"): True}
+    assert any("NOT met" in line for line in target_notes(check_targets(results)))

@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from posterrt.runtime import cli
 from posterrt.runtime.bundle import Bundle
-from posterrt.runtime.contracts import CONTRACTS, DYNAMIC_DIMS, EPILOGUE, STEP, validate_inputs
+from posterrt.runtime.contracts import CONTRACTS, DYNAMIC_DIMS, EPILOGUE, validate_inputs
 from posterrt.runtime.errors import BundleError, ContractError, InputError
 from posterrt.runtime.samples import default_sizes, sample_inputs
 from posterrt.runtime.triton import model_config as mc
@@ -65,7 +65,7 @@ def test_default_batching_by_role(name):
         assert not config.HasField("dynamic_batching")
     else:
         assert config.HasField("dynamic_batching")
-        assert config.dynamic_batching.max_queue_delay_microseconds == (500 if contract.role == STEP else 1000)
+        assert config.dynamic_batching.max_queue_delay_microseconds == 0  # batches form in the queue under load
         assert list(config.dynamic_batching.preferred_batch_size) == []
 
 

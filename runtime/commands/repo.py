@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="force dynamic batching on for every model (default: on for step and prologue models)")
     batching.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                           help="force dynamic batching off for every model")
-    build.add_argument("--queue-delay-us", type=int, help="max_queue_delay_microseconds (default: 500 step, 1000 prologue)")
+    build.add_argument("--queue-delay-us", type=int, help="max_queue_delay_microseconds (default: 0)")
     build.add_argument("--preferred-batch-sizes", type=_int_list, default=(), help="e.g. 2,4 (default: none)")
     build.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
     build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime threads per instance (default 1)")

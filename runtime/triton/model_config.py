@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from ..contracts import DYNAMIC_DIMS, STEP, EPILOGUE, ModelContract, TensorSpec, dim_range, is_dynamic
+from ..contracts import DYNAMIC_DIMS, EPILOGUE, ModelContract, TensorSpec, dim_range, is_dynamic
 from ..profiles import PROFILE_KEYS, model_profile, ort_shape_string
 from ..errors import InputError
 
@@ -81,17 +81,21 @@ def default_batching(contract: ModelContract) -> BatchingPolicy:
     """Dynamic batching defaults, by the model's role.
 
     * step models (radm_head, plannet_denoiser, the UNets) run many times per request: batching
-      concurrent requests is where serving throughput comes from. A 500 us queue delay is small
-      next to one step.
-    * prologue encoders run once per request; 1 ms waiting for a partner costs nothing visible.
+      concurrent requests is where serving throughput comes from;
+    * prologue encoders run once per request: batched the same way;
     * the epilogue (vae_decoder) is off: full-size images, memory grows with the batch and the
       GPU is already busy at batch 1.
-    No preferred sizes: Triton then forms the largest batch the queue allows, which its docs advise
-    unless a measurement shows some sizes are much faster (then pass --preferred-batch-sizes).
+    No queue delay: with one instance per model, requests that arrive while the instance runs
+    queue up and leave together as the next batch anyway, so under load batches form without
+    waiting; a delay only taxes the request that finds the model idle. Measured on the 2-core
+    bench machine, a 500 us (step) / 1000 us (prologue) delay cost every lone call 0.5-1.1 ms in
+    the queue (100 ms per 100-step PlanNet plan), and did not raise throughput at 4 clients
+    (benchmarks/RESULTS.md, Serving). No preferred sizes either: Triton then forms the largest
+    batch the queue allows, which its docs advise unless some sizes are much faster.
     """
     if contract.role == EPILOGUE:
         return BatchingPolicy(False)
-    return BatchingPolicy(True, 500 if contract.role == STEP else 1000)
+    return BatchingPolicy(True, 0)
 
 
 @dataclass
