@@ -16,7 +16,9 @@
   weights (a restarted server may serve another repository); when every server is down, the
   backend retries with exponential backoff;
 * ``timeout_s`` bounds one ``run`` call, retries and backoff included: it answers or raises a
-  ``BackendError`` within that time, whatever the servers do (killed, restarted, hung);
+  ``BackendError`` within that time, whatever the servers do (killed, restarted, hung).
+  ``attempt_timeout_s`` bounds one try on one server (default: the whole remaining budget); set it
+  below ``timeout_s`` so that a hung server among several costs one attempt, not the request;
 * at connect, every model each server serves is checked against the bundle: tensor names,
   datatypes and shapes against the contract, and the ONNX hash the repository recorded against
   the bundle's manifest. A mismatch fails at once, naming the model and the tensor.
@@ -192,15 +194,18 @@ def _output_shape(spec, sizes: dict[str, int]) -> tuple[int, ...] | None:
 
 class TritonBackend(Backend):
     def __init__(self, bundle: Bundle, urls: str | Sequence[str], *, models: Sequence[str] | None = None,
-                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.25, max_backoff_s: float = 2.0,
-                 recheck_s: float = 1.0, shared_memory: bool = False, shm_threshold_bytes: int = 1 << 20,
-                 verify: bool = True):
+                 timeout_s: float = 120.0, attempt_timeout_s: float | None = None, retries: int = 3,
+                 backoff_s: float = 0.25, max_backoff_s: float = 2.0, recheck_s: float = 1.0,
+                 shared_memory: bool = False, shm_threshold_bytes: int = 1 << 20, verify: bool = True):
         super().__init__(bundle)
         if not timeout_s > 0:
             raise InputError(f"timeout_s: got {timeout_s!r}, expected a positive number of seconds")
         if retries < 0:
             raise InputError(f"retries: got {retries!r}, expected 0 or more rounds")
+        if attempt_timeout_s is not None and not attempt_timeout_s > 0:
+            raise InputError(f"attempt_timeout_s: got {attempt_timeout_s!r}, expected a positive number of seconds")
         self.timeout_s = timeout_s  # the whole budget of one run(), retries included
+        self.attempt_timeout_s = attempt_timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -331,6 +336,8 @@ class TritonBackend(Backend):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if self.attempt_timeout_s is not None:
+                    remaining = min(remaining, self.attempt_timeout_s)
                 try:
                     outputs = self._infer(server, contract, inputs, remaining)
                 except ServerUnavailable as error:

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="gpu-onnx: TensorRT execution provider (default) or CUDA only")
     build.add_argument("--precision", choices=[p.lower() for p in TRT_PRECISIONS], default="fp16",
                        help="gpu-onnx with TensorRT: precision_mode (default fp16)")
+    build.add_argument("--max-request-mb", type=float, default=None,
+                       help="cpu flavor: refuse requests whose tensors exceed this many MB (default: the largest "
+                            "request the model's contract allows)")
     build.add_argument("--client-bundle", help="also write the client's half of the bundle (manifest + tokenizers) here")
 
 
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         flavor=args.flavor, dynamic_batching=args.dynamic_batching, max_queue_delay_us=args.queue_delay_us,
         preferred_batch_sizes=args.preferred_batch_sizes, instances=args.instances,
         intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
-        gpu_accelerator=args.accelerator, trt_precision=args.precision)
+        gpu_accelerator=args.accelerator, trt_precision=args.precision,
+        max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6))
     report = build_repository(bundle, args.out, options, models=models, engines=args.engines)
     for model in report.models:
         print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}")

@@ -6,10 +6,12 @@
 * ``initialize`` opens the ONNX Runtime session once, with the thread settings from the config's
   parameters (``intra_op_thread_count`` / ``inter_op_thread_count`` / ``allow_spinning``, the ONNX
   Runtime backend's keys).
-* ``execute`` validates every request on its own: a bad one (shape, dtype, NaN, out of range) gets a
-  ``TritonError`` on its own response, the others are served. Requests Triton batched together
-  and with the same non-batch shapes run as ONE ONNX Runtime call: inputs concatenated along the
-  batch axis, outputs split back.
+* ``execute`` validates every request on its own: a bad one (too many bytes, shape, dtype, NaN, out
+  of range) gets a ``TritonError`` on its own response, the others are served. The size is checked
+  first, from the tensors' byte counts alone (``max_request_bytes`` in ``contract.json``): Triton
+  2.51's front ends take any body size, so this is where an oversized request stops. Requests
+  Triton batched together and with the same non-batch shapes run as ONE ONNX Runtime call: inputs
+  concatenated along the batch axis, outputs split back.
 
 Validation uses ``posterrt.runtime.contracts.validate_inputs`` when posterrt (same contract
 version) is importable in the stub's Python; otherwise ``check_inputs`` below does the same checks
@@ -71,6 +73,15 @@ def check_inputs(document: dict, inputs: dict) -> None:
             integer = array.dtype.kind in "iu"
             if (array.max() >= high) if integer else (array.max() > high):
                 raise RequestError(f"{where}: values must be {'<' if integer else '<='} {high}, got max {array.max()}")
+
+
+def check_request_bytes(document: dict, inputs: dict) -> None:
+    """Refuse a request whose tensors hold more bytes than ``max_request_bytes``, before any value is read."""
+    limit = document.get("max_request_bytes")
+    total = sum(int(array.nbytes) for array in inputs.values())
+    if limit is not None and total > limit:
+        raise RequestError(f"model {document['model']!r}: request of {total} bytes is over the limit of {limit} "
+                           f"bytes (max_request_bytes in {CONTRACT_FILE}); send smaller or fewer tensors")
 
 
 def contract_validator(document: dict):
@@ -153,6 +164,7 @@ class TritonPythonModel:
                     if tensor is None:
                         raise RequestError(f"model {self.document['model']!r}: missing input {name!r}")
                     inputs[name] = tensor.as_numpy()
+                check_request_bytes(self.document, inputs)
                 self.validate(inputs)
                 valid.append((index, inputs))
             except Exception as error:  # the request is bad; the model and the other requests are fine

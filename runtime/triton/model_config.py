@@ -43,6 +43,14 @@ def max_batch_size(contract: ModelContract) -> int:
     return rng.max
 
 
+def contract_max_request_bytes(contract: ModelContract) -> int:
+    """Bytes of the largest request a resolved contract allows: every input with every dynamic axis
+    (the batch axis included) at its maximum. Anything bigger cannot be valid, so the server
+    refuses it on its size alone, before looking at the values."""
+    sizes = {name: rng.max for name, rng in DYNAMIC_DIMS.items()}
+    return sum(int(np.prod(spec.concrete_shape(sizes))) * spec.np_dtype.itemsize for spec in contract.inputs)
+
+
 def config_dims(spec: TensorSpec) -> list[int]:
     """``dims`` of a tensor in the config: the axes after the batch axis, -1 where dynamic."""
     return [-1 if is_dynamic(symbol) else int(symbol) for symbol in spec.shape[1:]] or [1]
@@ -124,6 +132,9 @@ class ServingOptions:
     trt_workspace_bytes: int = 4 << 30
     trt_engine_cache_dir: str | None = "/tmp/posterrt-trt-cache"
     extra_parameters: dict = field(default_factory=dict)
+    #: cpu flavor: the largest request (sum of its input tensors' bytes) a model accepts. None: the
+    #: largest request the contract allows (every axis at its max), see ``contract_max_request_bytes``.
+    max_request_bytes: int | None = None
 
     def __post_init__(self):
         if self.flavor not in FLAVORS:
@@ -138,6 +149,8 @@ class ServingOptions:
                 raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise InputError(f"--queue-delay-us: must be >= 0, got {self.max_queue_delay_us}")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1:
+            raise InputError(f"--max-request-mb: must be > 0, got {self.max_request_bytes / 1e6:g} MB")
 
     def batching(self, contract: ModelContract, limit: int) -> BatchingPolicy:
         policy = default_batching(contract)

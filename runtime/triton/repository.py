@@ -23,11 +23,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import MANIFEST, Bundle, confined_path
+from ..bundle import MANIFEST, Bundle, confined_path, sha256_file
 from ..contracts import CONTRACT_VERSION, ModelContract, dim_range, is_dynamic
 from ..errors import BundleError, InputError
 from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, ServingOptions,
-                           build_model_config, to_pbtxt)
+                           build_model_config, contract_max_request_bytes, to_pbtxt)
 
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
 SAMPLING_LOOP_TEMPLATE = Path(__file__).with_name("sampling_loop.py")
@@ -52,14 +52,14 @@ class RepositoryReport:
     #: serving-only models that drive a bundle model in the server (``plannet_sampler``)
     server_loops: list[ModelReport] = field(default_factory=list)
 
-
     @property
     def missing_plans(self) -> list[str]:
         return [m.name for m in self.models if not m.ready]
 
 
-def contract_document(contract: ModelContract, static_dims: dict) -> dict:
-    """The resolved contract as JSON for the generic model.py (numpy-only validation fallback)."""
+def contract_document(contract: ModelContract, static_dims: dict, max_request_bytes: int | None = None) -> dict:
+    """The resolved contract as JSON for the generic model.py (numpy-only validation fallback), with
+    the request size limit it enforces (default: the largest request the contract allows)."""
     def tensor(spec):
         return {"name": spec.name, "dtype": spec.dtype, "low": spec.low, "high": spec.high,
                 "shape": [symbol if is_dynamic(symbol) else int(symbol) for symbol in spec.shape]}
@@ -72,7 +72,8 @@ def contract_document(contract: ModelContract, static_dims: dict) -> dict:
                 ranges[symbol] = [rng.min, rng.max, rng.multiple_of]
     return {"model": contract.name, "contract_version": CONTRACT_VERSION, "static_dims": dict(static_dims),
             "inputs": [tensor(s) for s in contract.inputs], "outputs": [tensor(s) for s in contract.outputs],
-            "ranges": ranges}
+            "ranges": ranges,
+            "max_request_bytes": int(max_request_bytes or contract_max_request_bytes(contract))}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -124,7 +125,7 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
             _link_or_copy(source, version / source.name)
         if options.flavor == "cpu":
             shutil.copyfile(MODEL_TEMPLATE, version / "model.py")
-            document = contract_document(contract, entry.static_dims)
+            document = contract_document(contract, entry.static_dims, options.max_request_bytes)
             (version / CONTRACT_FILE).write_text(json.dumps(document, indent=2))
         return ModelReport(name, folder, True)
     if record.get("plan"):  # the engines manifest names the file; otherwise look for the usual names
@@ -137,6 +138,11 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
         return ModelReport(name, folder, False, f"the plan {plan} was built from another export of {name} "
                                                 f"(ONNX {source[:12]}..., bundle {entry.sha256[:12]}...); build it again "
                                                 f"with `posterrt engines build --bundle {bundle.root}`")
+    if plan is not None and record.get("plan_sha256") and sha256_file(plan) != record["plan_sha256"]:
+        # renamed into place before its manifest entry was written: an interrupted build or refit
+        return ModelReport(name, folder, False, f"the plan {plan} does not match the sha256 its engines manifest "
+                                                f"records (an interrupted build or refit?); build it again with "
+                                                f"`posterrt engines build --models {name}`")
     if plan is None:
         where = f"in {engines}" if engines else "(no --engines folder given)"
         return ModelReport(name, folder, False, f"no TensorRT plan for {name} {where}; build it with "
