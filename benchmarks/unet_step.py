@@ -94,7 +94,8 @@ def ort_session(path: Path, threads: int, spinning: bool = True):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_candidates(bundle: Bundle, model: str, inputs: dict, threads: int, variants: list[str]) -> dict:
+def ort_candidates(bundle: Bundle, model: str, inputs: dict, threads: int, variants: list[str],
+                   skip: tuple = ()) -> dict:
     output = bundle.contract(model).output_names[0]
     candidates = {}
     sessions = {"ort-fp32": ort_session(bundle.model_path(model), threads)}
@@ -104,8 +105,9 @@ def ort_candidates(bundle: Bundle, model: str, inputs: dict, threads: int, varia
         candidates[name] = (lambda s: lambda: s.run([output], inputs)[0])(session)
     if "int8" in variants:
         candidates["ort-int8-iobinding"] = _io_bound(sessions["ort-int8"], inputs, output)
-        nospin = ort_session(bundle.model_path(model, variant="int8"), threads, spinning=False)
-        candidates["ort-int8-nospin"] = lambda: nospin.run([output], inputs)[0]
+        if "ort-int8-nospin" not in skip:  # a second int8 session: its own weights in memory
+            nospin = ort_session(bundle.model_path(model, variant="int8"), threads, spinning=False)
+            candidates["ort-int8-nospin"] = lambda: nospin.run([output], inputs)[0]
     return candidates
 
 
@@ -135,11 +137,12 @@ def measure(bundle_dir: Path, model: str, image_size: int = 256, repeats: int = 
     inputs = step_inputs(bundle, model, image_size, timestep, seed=0)
     variants = [v for v in sorted(bundle.variants(model)) if f"ort-{v}" not in skip]
     candidates = {}
-    try:
-        candidates.update(torch_candidates(bundle, model, inputs, threads))
-    except ImportError:
-        print("torch is not installed: the torch candidates are skipped", file=sys.stderr)
-    candidates.update(ort_candidates(bundle, model, inputs, threads, variants))
+    if not {"torch-fp32", "torch-bf16-autocast", "torch-bf16-weights"} <= set(skip):
+        try:
+            candidates.update(torch_candidates(bundle, model, inputs, threads))
+        except ImportError:
+            print("torch is not installed: the torch candidates are skipped", file=sys.stderr)
+    candidates.update(ort_candidates(bundle, model, inputs, threads, variants, skip))
     candidates = {k: v for k, v in candidates.items() if k not in skip}
 
     reference = candidates[BASELINE]() if BASELINE in candidates else candidates["ort-fp32"]()
