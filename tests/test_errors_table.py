@@ -807,6 +807,25 @@ def _(ctx):
     return outcome
 
 
+@case("checkpoint-folder-pickled-code")
+def _(ctx):
+    """A diffusers folder (--from-pretrained vae=...) whose only weights are a pickle that runs code."""
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL
+
+    from posterrt.export.networks.sd_pretrained import component_folder, load_vae
+
+    folder = ctx.tmp / "vae"
+    AutoencoderKL(block_out_channels=(8,), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)
+                  ).save_pretrained(folder, safe_serialization=False)
+    marker = ctx.tmp / "code_ran"
+    torch.save({"weight": _RunsCode(marker)}, folder / "diffusion_pytorch_model.bin")
+    outcome = outcome_of(lambda: load_vae(component_folder({"vae": str(folder)}, "vae")))
+    assert not marker.exists(), "loading the folder executed its pickle"
+    return outcome
+
+
 @case("checkpoint-truncated")
 def _(ctx):
     torch = pytest.importorskip("torch")

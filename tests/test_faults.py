@@ -156,13 +156,13 @@ def embedded_layout(bundle_dir):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_server_killed_mid_pipeline_fails_within_the_timeout(bundle, layout_repo, protocol):
     server = start_server(layout_repo)
-    timeout_s = 6.0
+    timeout_s = 4.0
     try:
         backend = TritonBackend(bundle, server.http_url if protocol == "http" else server.grpc_url,
                                 timeout_s=timeout_s, retries=1000)  # the deadline, not the count, must end it
         counting = CountingBackend(backend, lambda n: kill_hard(server) if n == 6 else None)
         started = time.monotonic()
-        with pytest.raises(BackendError, match=r"model 'radm_head': no Triton server answered within its timeout of 6 s"):
+        with pytest.raises(BackendError, match=r"model 'radm_head': no Triton server answered within its timeout of 4 s"):
             run_layout(counting, layout_request())
         elapsed = time.monotonic() - started
         assert counting.calls == 6, "the kill came after five answered calls"
@@ -187,21 +187,23 @@ def test_server_restarted_mid_pipeline_the_client_retries_and_the_poster_is_unch
     backend = TritonBackend(bundle, server.http_url if protocol == "http" else server.grpc_url,
                             timeout_s=120, retries=1000, backoff_s=0.2, max_backoff_s=1.0)
     restarted = None
+    pool = ThreadPoolExecutor(1)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(run_layout, CountingBackend(backend, on_call), layout_request())
-            assert killed.wait(120), "the pipeline never reached its sixth call"
-            server.stop()
-            # The same ports, started from this (long-lived) thread: the server lives as long as it does.
-            from posterrt.runtime.triton.server import TritonServer
+        future = pool.submit(run_layout, CountingBackend(backend, on_call), layout_request())
+        assert killed.wait(120), "the pipeline never reached its sixth call"
+        server.stop()
+        # The same ports, started from this (long-lived) thread: the server lives as long as it does.
+        # (start() also starts it again when Triton aborts in gRPC's event engine, see below.)
+        from posterrt.runtime.triton.server import TritonServer
 
-            restarted = TritonServer(layout_repo, http_port=server.ports["http"], grpc_port=server.ports["grpc"],
-                                     metrics_port=server.ports["metrics"], log=LogBuffer()).start()
-            result = future.result(timeout=150)
+        restarted = TritonServer(layout_repo, http_port=server.ports["http"], grpc_port=server.ports["grpc"],
+                                 metrics_port=server.ports["metrics"], log=LogBuffer()).start()
+        result = future.result(timeout=150)
         (record,) = backend.servers
         assert record.failures >= 1, "the client never saw the server go"
         assert_same_layout(result, embedded_layout)
     finally:
+        pool.shutdown(wait=False)  # a failed restart must not hold the test for the client's timeout
         backend.close()
         server.stop()
         if restarted is not None:
@@ -213,7 +215,7 @@ def test_server_restarted_mid_pipeline_the_client_retries_and_the_poster_is_unch
 def test_hung_server_fails_within_the_timeout_and_serves_again_when_it_wakes(bundle, denoiser_repo, protocol):
     server = start_server(denoiser_repo)
     inputs = sample_inputs(bundle.contract("plannet_denoiser"), default_sizes("small"), seed=5)
-    timeout_s = 3.0
+    timeout_s = 2.0
     try:
         with TritonBackend(bundle, server.http_url if protocol == "http" else server.grpc_url,
                            models=["plannet_denoiser"], timeout_s=timeout_s, recheck_s=0.2) as backend:
@@ -222,13 +224,46 @@ def test_hung_server_fails_within_the_timeout_and_serves_again_when_it_wakes(bun
             try:
                 for _ in range(2):  # the first try meets the frozen server, the second its failed health check
                     started = time.monotonic()
-                    with pytest.raises(BackendError, match="within its timeout of 3 s"):
+                    with pytest.raises(BackendError, match="within its timeout of 2 s"):
                         backend.run("plannet_denoiser", inputs)
                     assert time.monotonic() - started <= timeout_s + SLACK_S
             finally:
                 freeze(server, False)
             time.sleep(0.3)
             assert backend.run("plannet_denoiser", inputs)["logits"].shape[0] == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.triton
+def test_server_start_that_aborts_in_grpcs_event_engine_is_retried(denoiser_repo, monkeypatch):
+    """The restart a waiting client needs is when Triton 2.51's gRPC front end may abort (about one
+    start in twelve under a polling client, here): TritonServer starts it again. The first start is
+    a stand-in process that dies the way tritonserver does."""
+    from posterrt.runtime.triton.server import TritonServer
+
+    real_spawn = TritonServer._spawn
+    spawned = []
+
+    def spawn(self, distribution):
+        spawned.append(1)
+        if len(spawned) > 1:
+            return real_spawn(self, distribution)
+        crash = ("import os, signal; print('E1125 13:41:02.1 1 ev_epoll1_linux.cc:359] (event_engine) "
+                 "Epoll1Poller:0x55 encountered epoll_wait error: Bad file descriptor', flush=True); "
+                 "os.kill(os.getpid(), signal.SIGABRT)")
+        self._workdir = None
+        self.process = subprocess.Popen([sys.executable, "-c", crash], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._forward_log, daemon=True)
+        self._reader.start()
+
+    monkeypatch.setattr(TritonServer, "_spawn", spawn)
+    log = LogBuffer()
+    server = start_server(denoiser_repo, log=log)
+    try:
+        assert len(spawned) == 2 and server.alive and server.models == ["plannet_denoiser"]
+        assert "starting it again (2 of 3)" in log.text()
     finally:
         server.stop()
 
