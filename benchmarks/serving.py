@@ -93,8 +93,9 @@ class TimedBackend(Backend):
 
 def embedded_backend(bundle: Bundle, threads: int) -> Backend:
     """ONNX Runtime in-process with the server's settings: ``threads`` intra-op threads, no spinning
-    (model.py's default). ORT's own default (one spinning thread per core) measured 1.5-3x slower
-    per call on this shared 2-core machine, which would flatter every Triton ratio."""
+    (model.py's default). With ORT's own default (a spinning thread per core) the baseline would
+    measure a different thread policy, not serving: on this shared 2-core machine spinning made
+    bg_unet 1.6x slower per call (bench_ort_settings)."""
     backend = open_backend(bundle, None, intra_op_threads=threads)
     backend.options_template.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return backend

@@ -96,8 +96,8 @@ def default_batching(contract: ModelContract) -> BatchingPolicy:
     No queue delay: with one instance per model, requests that arrive while the instance runs
     queue up and leave together as the next batch anyway, so under load batches form without
     waiting; a delay only taxes the request that finds the model idle. Measured on the 2-core
-    bench machine, a 500 us (step) / 1000 us (prologue) delay cost every lone call 0.5-1.1 ms in
-    the queue (100 ms per 100-step PlanNet plan), and did not raise throughput at 4 clients
+    bench machine, the former 500 us (step) / 1000 us (prologue) delays cost every lone call
+    0.6-1.3 ms (60-130 ms per 100-step PlanNet plan) and did not raise throughput at 4 clients
     (benchmarks/RESULTS.md, Serving). No preferred sizes either: Triton then forms the largest
     batch the queue allows, which its docs advise unless some sizes are much faster.
     """
