@@ -130,3 +130,11 @@ def test_cli_optimize_writes_dynamic_int8_and_report(bundle_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "engines", "optimize", "--bundle", str(bundle_dir),
                           "--variant", "fp8"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_render_unet_int8_passes_the_gate(bundle_dir):
+    """The same recipe on the ControlNet + UNet step graph (its fp32 islands found by the same rules)."""
+    entry = ort_optimize.optimize_bundle(bundle_dir, "int8", ["render_unet"], progress=lambda _: None)["render_unet"]
+    figures = entry["gate"]["figures"]
+    assert entry["gate"]["passed"] and figures["image_psnr_db"] >= 30.0
+    assert entry["build"]["fp32_nodes"]["activation_matmul"] > 0
