@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.bundle import Bundle
-from posterrt.runtime.contracts import CONTRACTS, STEP
+from posterrt.runtime.contracts import CONTRACTS
 from posterrt.runtime.errors import ContractError, InputError
 from posterrt.runtime.samples import default_sizes, sample_inputs
 from posterrt.runtime.schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
