@@ -23,6 +23,7 @@ share the contract and the state encoding. ``posterrt repo build`` copies it int
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -317,11 +318,9 @@ def find_server_loop(backend) -> ServerLoop | None:
     own = getattr(backend, "server_loop", None)
     if callable(own):
         return own()
-    try:
-        from ..backends.triton import TritonBackend
-    except ImportError:  # no tritonclient: no Triton backend either
-        return None
-    if not isinstance(backend, TritonBackend) or DENOISER not in backend.bundle.models:
+    # A TritonBackend exists only once its module was imported: embedded users never import it here.
+    triton = sys.modules.get("posterrt.runtime.backends.triton")
+    if triton is None or not isinstance(backend, triton.TritonBackend) or DENOISER not in backend.bundle.models:
         return None
     expected = backend.bundle.models[DENOISER].sha256
     servers = [server for server in backend.servers if _serves_sampler(server, expected)]
