@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}")
         if model.note:
             print(f"  {model.note}", file=sys.stderr)
+    for loop in report.server_loops:  # serving-only models (plannet_sampler)
+        print(f"{loop.name:20s} ok  {loop.folder}  (sampling loop in the server)")
     if args.client_bundle:
         print(f"client bundle: {write_client_bundle(bundle, args.client_bundle)}")
     print(f"repository {report.root} ({report.flavor}): {len(report.models)} models; "
