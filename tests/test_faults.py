@@ -96,7 +96,11 @@ def kill_hard(server) -> None:
 
 
 def freeze(server, frozen: bool) -> None:
-    os.killpg(server.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+    """SIGSTOP / SIGCONT the tritonserver process: a hung server. Its Python-backend stubs keep
+    running, as they would when the server deadlocks. (Freezing the stubs too, like a paused VM,
+    makes Triton 2.51's Python backend abort on resume now and then: boost::interprocess::
+    lock_exception in TRITONBACKEND_ModelInstanceExecute; see docs/errors.md.)"""
+    os.kill(server.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
 
 
 def assert_close(got: dict, want: dict, where: str) -> None:
@@ -229,7 +233,10 @@ def test_hung_server_fails_within_the_timeout_and_serves_again_when_it_wakes(bun
                     assert time.monotonic() - started <= timeout_s + SLACK_S
             finally:
                 freeze(server, False)
-            time.sleep(0.3)
+            # Awake, the server first works off what queued while it was frozen; the client may meet
+            # a connection it closed on timeout. Recovery gets its own budget: what is checked is
+            # that it happens, not how fast on a shared machine.
+            backend.timeout_s, backend.retries = 30, 50
             assert backend.run("plannet_denoiser", inputs)["logits"].shape[0] == 1
     finally:
         server.stop()
