@@ -57,6 +57,21 @@ def test_fp32_opt_is_written_registered_and_fused(bundle_dir, fp32_opt):
     assert "Attention" in ops
 
 
+def test_fp32_opt_passes_the_pipeline_gate(fp32_opt):
+    """Beyond the model-level gate, whole pipelines calling bg_unet (background, poster) ran with
+    fp32-opt against the fp32 bundle and met the fp32 accuracy thresholds (enforced)."""
+    report = fp32_opt["pipeline_gate"]
+    assert report["gate"]["passed"], report["gate"]["failures"]
+    assert set(report["pipelines"]) == {"background", "poster"}
+    assert report["gate"]["thresholds"]["psnr_db"] == 40.0
+
+
+def test_int8_records_an_advisory_pipeline_report(int8):
+    report = int8["pipeline_gate"]
+    assert report["gate"]["enforced"] is False and set(report["pipelines"]) == {"background", "poster"}
+    assert report["gate"]["thresholds"]["psnr_db"] == 30.0
+
+
 def test_fp32_opt_keeps_parity_on_fresh_inputs(bundle_dir, fp32_opt):
     """1e-4 of the output's scale, like the export's own parity check, at two sizes of every axis."""
     bundle = Bundle(bundle_dir)
