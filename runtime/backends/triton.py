@@ -65,9 +65,9 @@ def bounded_call(scheme: str, method, seconds: float, *args, **kwargs):
     """``method(*args, **kwargs)`` on a tritonclient client, returning or raising within ``seconds``.
 
     gRPC calls take a deadline (``client_timeout``). tritonclient's HTTP client only has timeouts
-    per socket operation (a server that trickles bytes, or a long queue, could hold it for much
-    longer); it runs on gevent in the calling thread, so a ``gevent.Timeout`` there interrupts it at
-    its next wait. The interrupted client is closed by ``Connections.client`` (any exception but a
+    per socket operation, fixed when the client is made (a server that trickles bytes holds it far
+    longer, and a per-thread client cannot follow each call's remaining budget); it runs on gevent
+    in the calling thread, so a ``gevent.Timeout`` there interrupts it at its next wait. The interrupted client is closed by ``Connections.client`` (any exception but a
     refusal drops the connection)."""
     seconds = max(seconds, 0.001)
     if scheme == "grpc":
