@@ -1,0 +1,62 @@
+"""`posterrt bench` smoke test on the tiny bundle: the command runs and writes valid JSON, the
+Markdown table and the plots. No timing assertions: figures belong in benchmarks/RESULTS.md."""
+import json
+
+import numpy as np
+
+from posterrt.benchmarks.flops import count_flops
+from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.cli import main
+from posterrt.runtime.contracts import validate_inputs
+
+
+def test_bench_writes_json_table_and_plots(tiny_bundle, tmp_path):
+    out = tmp_path / "bench"
+    code = main(["bench", "--bundle", str(tiny_bundle), "--models", "radm_text_encoder,plannet_denoiser",
+                 "--pipelines", "layout", "--backends", "torch,ort,grpc", "--skip", "throughput",
+                 "--repeats", "1", "--steps", "1", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["machine"]["cores"] >= 1 and results["machine"]["peak"]["fp32_gflops"] > 0
+    rows = {(r["model"], r["batch"]) for r in results["models"]}
+    assert rows == {(m, b) for m in ("radm_text_encoder", "plannet_denoiser") for b in (1, 2)}
+    for row in results["models"]:
+        assert set(row["latency"]) == {"torch", "ort"} and row["gflop"] > 0 and row["flops_unknown_nodes"] == 0
+    backends = {r["backend"] for r in results["stages"]}
+    assert {"embedded", "triton-grpc"} <= backends
+    stages = {r["stage"] for r in results["stages"] if r["backend"] == "embedded"}
+    assert "end_to_end" in stages and "model:radm_head" in stages
+    assert "| radm_text_encoder |" in (out / "bench.md").read_text()
+    for plot in ("latency_models.png", "latency_stages.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flop_count_matches_a_hand_count(tmp_path):
+    """One Gemm [2,8]x[8,16] plus one MatMul [2,16]x[16,4]: 2*2*8*16 + 2*2*16*4 = 768 FLOPs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = numpy_helper.from_array(np.ones((8, 16), np.float32), "w1")
+    w2 = numpy_helper.from_array(np.ones((16, 4), np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w1, w2])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert count_flops(path, {"x": np.zeros((2, 8), np.float32)})["total"] == 768
+
+
+def test_perf_inputs_follow_the_contracts(tiny_bundle, tmp_path):
+    assert main(["bench", "perf-inputs", "--bundle", str(tiny_bundle), "--out", str(tmp_path)]) == 0
+    bundle = Bundle(tiny_bundle)
+    for model in bundle.models:
+        entry = json.loads((tmp_path / f"{model}.json").read_text())["data"][0]
+        contract = bundle.contract(model)
+        arrays = {}
+        for spec in contract.inputs:
+            shape = entry[spec.name]["shape"]
+            # perf_analyzer shapes omit the batch axis; a [batch] tensor is sent as [1]
+            full = (1, *shape) if len(spec.shape) > 1 else (1,)
+            arrays[spec.name] = np.array(entry[spec.name]["content"], dtype=spec.np_dtype).reshape(full)
+        validate_inputs(contract, arrays)
