@@ -4,21 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from posterrt.runtime.contracts import MODEL_NAMES
-from posterrt.runtime.errors import InputError, ParityError
+from posterrt.runtime.contracts import MODEL_NAMES, parse_model_list
+from posterrt.runtime.errors import ParityError
 
 from .ort_optimize import VARIANTS as ORT_VARIANTS
 from .precision import PRECISIONS
 
 
 def _models(text: str | None) -> list[str]:
-    if not text:
-        return list(MODEL_NAMES)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODEL_NAMES]
-    if unknown:
-        raise InputError(f"--models: unknown model(s) {unknown}; expected names from {', '.join(MODEL_NAMES)}")
-    return [n for n in MODEL_NAMES if n in names]
+    return parse_model_list(text)
 
 
 def _refittable(text: str) -> tuple:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from posterrt.runtime.contracts import MODEL_NAMES
+from posterrt.runtime.contracts import MODEL_NAMES, parse_model_list
 from posterrt.runtime.errors import InputError
 
 # family module (in posterrt.export.networks) -> the served models it builds
@@ -25,13 +25,7 @@ def family_module(family: str):
 
 def parse_models(text: str | None) -> list[str]:
     """``"radm_head,bg_unet"`` -> names in contract order; None means all."""
-    if not text:
-        return list(MODEL_NAMES)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODEL_FAMILY]
-    if unknown:
-        raise InputError(f"--models: unknown model(s) {unknown}; expected names from {', '.join(MODEL_NAMES)}")
-    return [n for n in MODEL_NAMES if n in names]
+    return parse_model_list(text)
 
 
 def check_preset(preset: str) -> str:

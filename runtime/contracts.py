@@ -391,6 +391,19 @@ def get_contract(name: str) -> ModelContract:
     return CONTRACTS[name]
 
 
+def parse_model_list(text: str | None, flag: str = "--models") -> list[str]:
+    """``"radm_head,bg_unet"`` -> served model names in contract order; empty/None means all."""
+    from .errors import InputError
+
+    if not text:
+        return list(MODEL_NAMES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTRACTS]
+    if unknown:
+        raise InputError(f"{flag}: unknown model(s) {unknown}; expected names from {', '.join(MODEL_NAMES)}")
+    return [n for n in MODEL_NAMES if n in names]
+
+
 def validate_inputs(contract: ModelContract, inputs: Mapping[str, np.ndarray], check_finite: bool = True) -> dict[str, int]:
     """Check names, dtypes, ranks, fixed sizes and dynamic ranges of one call's inputs.
 
