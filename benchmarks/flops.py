@@ -44,10 +44,14 @@ def _inferred_shapes(onnx_path, input_shapes) -> tuple[onnx.ModelProto, dict]:
 
 def _executed_shapes(onnx_path, inputs: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, dict]:
     """Shapes seen by running the graph once with the counted nodes' operands exposed as outputs:
-    for graphs whose shape arithmetic static inference cannot follow (RoiAlign chains, gathers)."""
+    for graphs whose shape arithmetic static inference cannot follow (RoiAlign chains, gathers).
+
+    The weights are never loaded into Python: the edited graph is written beside the original
+    (so its external-data references resolve) and removed after the run."""
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path))
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
     initializers = {t.name: list(t.dims) for t in model.graph.initializer}
     present = {o.name for o in model.graph.output}
     wanted = []
@@ -56,9 +60,14 @@ def _executed_shapes(onnx_path, inputs: Mapping[str, np.ndarray]) -> tuple[onnx.
             wanted += [n for n in list(node.input[:2]) + [node.output[0]] if n and n not in initializers and n not in present]
     for name in dict.fromkeys(wanted):
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(names, dict(inputs))
+    probe = onnx_path.with_name(f".{onnx_path.stem}.flops-probe.onnx")
+    try:
+        onnx.save_model(model, str(probe))
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, dict(inputs))
+    finally:
+        probe.unlink(missing_ok=True)
     shapes = dict(initializers)
     shapes.update({name: list(value.shape) for name, value in zip(names, values)})
     return model, shapes
