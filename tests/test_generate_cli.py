@@ -147,19 +147,8 @@ def test_demo_without_torch_and_without_bundle_says_what_to_do(tmp_path, capsys,
 # ---------------------------------------------------------------------------------------------
 # Real runs on the tiny bundle.
 # ---------------------------------------------------------------------------------------------
-def _require_families():
-    import importlib.util
-
-    from posterrt.export.registry import FAMILIES
-
-    missing = [f for f in FAMILIES if importlib.util.find_spec(f"posterrt.export.networks.{f}") is None]
-    if missing:
-        pytest.skip(f"network families not written yet: {missing}")
-
-
 @pytest.fixture(scope="module")
 def bundle(request):
-    _require_families()
     return request.getfixturevalue("tiny_bundle")
 
 

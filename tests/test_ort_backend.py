@@ -167,20 +167,8 @@ def test_bundle_of_another_contract_version_is_refused(toy_bundle, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The twelve tiny models: ONNX Runtime against the PyTorch reference backend, model by model.
 # ---------------------------------------------------------------------------------------------
-def _require_families():
-    """The tiny bundle needs every network family; skip (saying which is missing) until all have landed."""
-    import importlib.util
-
-    from posterrt.export.registry import FAMILIES
-
-    missing = [f for f in FAMILIES if importlib.util.find_spec(f"posterrt.export.networks.{f}") is None]
-    if missing:
-        pytest.skip(f"network families not written yet: {missing}")
-
-
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_every_tiny_model_matches_the_torch_backend(request, model):
-    _require_families()
     tiny_bundle = request.getfixturevalue("tiny_bundle")
     from posterrt.export.registry import MODEL_FAMILY, family_module
     from posterrt.export.torch_backend import TorchBackend

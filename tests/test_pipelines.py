@@ -26,19 +26,8 @@ MIN_PSNR_DB = 40.0
 BOX_TOLERANCE = 1e-3
 
 
-def _require_families():
-    import importlib.util
-
-    from posterrt.export.registry import FAMILIES
-
-    missing = [f for f in FAMILIES if importlib.util.find_spec(f"posterrt.export.networks.{f}") is None]
-    if missing:
-        pytest.skip(f"network families not written yet: {missing}")
-
-
 @pytest.fixture(scope="module")
 def bundle(request):
-    _require_families()
     return Bundle(request.getfixturevalue("tiny_bundle"))
 
 
