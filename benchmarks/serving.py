@@ -62,6 +62,18 @@ class TimedBackend(Backend):
         self.record(model, started)
         return outputs
 
+    def bind(self, model, fixed_inputs):
+        """The wrapped backend's per-step call (step-invariant inputs checked once), each step recorded."""
+        step = self.inner.bind(model, fixed_inputs)
+
+        def timed_step(inputs):
+            started = time.perf_counter()
+            outputs = step(inputs)
+            self.record(model, started)
+            return outputs
+
+        return timed_step
+
     def record(self, model: str, started: float) -> None:
         with self._lock:
             self.calls.append((model, started, time.perf_counter() - started))

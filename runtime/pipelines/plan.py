@@ -52,17 +52,18 @@ class PlanNetPlanner:
 
         # -- the loop: the denoiser is the only per-step call --------------------------------------
         calls = tqdm(desc="plannet_denoiser", unit="step", leave=False, disable=not self.progress)
-
-        def denoise(tokens: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-            calls.update()
-            return self.backend.run("plannet_denoiser", {"tokens": tokens, "timestep": timestep, **memory})["logits"]
-
         generator = stage_rng(request.seed, "plan")
         with calls:
             if self.server_loop is not None:  # every level in one request; the server draws from `generator`
                 tokens = self.server_loop.sample(memory["memory"], memory["memory_mask"], fixed,
                                                  request.layout_steps or levels, [generator])
             else:
+                denoiser = self.backend.bind("plannet_denoiser", memory)  # the memory is checked once, not per step
+
+                def denoise(tokens: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+                    calls.update()
+                    return denoiser({"tokens": tokens, "timestep": timestep})["logits"]
+
                 tokens = self.sampler.sample(denoise, 1, generator, steps=request.layout_steps, fixed_tokens=fixed)
         # -- epilogue: tokens -> boxes -----------------------------------------------------------
         layout, = self.sampler.decode(tokens, [[height, width]])

@@ -5,11 +5,15 @@ A layout is ``max_elements`` elements of 5 tokens (class, x, y, w, h); box attri
 element", and ``mask_token`` = K is the absorbing state. The forward process masks each token
 independently with probability t/T (linear schedule), so sampling runs backwards from all-mask:
 
-    at level t: the denoiser predicts x0 logits for every token; each still-masked token draws its
-    x0 (or takes the argmax at temperature 0) and is revealed with probability 1 - t'/t, where t'
-    is the next level; revealed tokens never change again.
+    at level t: the denoiser predicts x0 logits for every token; each still-masked token is
+    revealed with probability 1 - t'/t, where t' is the next level, and a revealed token draws its
+    x0 from softmax(logits / temperature) (the argmax at temperature 0); revealed tokens never
+    change again.
 
-That keeps the masked fraction at t/T in expectation at every level visited. ``steps`` < T visits
+That keeps the masked fraction at t/T in expectation at every level visited. A step's random work
+is proportional to what it decides: one uniform per still-masked token (reveal or not), then one
+per revealed token (its x0, by inverse CDF over that token's logits only), instead of noise for
+every logit of every token (the loop runs 100 steps around a sub-millisecond denoiser). ``steps`` < T visits
 the levels ``round(linspace(T, 0, steps + 1))`` (one model call each) with the same reveal rule, so
 a strided run is the same process observed at fewer levels. The denoiser's ``timestep`` is the
 level t (T at the all-mask start, 1 for the last call of a full run).
@@ -18,12 +22,14 @@ Conditioning: ``fixed_tokens`` holds given tokens (the product's class, a known 
 ``mask_token`` elsewhere; given tokens are in place from the start and never re-masked.
 
 The sampler knows nothing of backends: ``denoise(tokens, timestep) -> logits`` closes over the
-encoder's ``memory`` / ``memory_mask``.
+encoder's ``memory`` / ``memory_mask``. Randomness comes from one numpy ``Generator`` for the batch,
+or one per row: row i then draws exactly what a batch-1 run with its generator draws, so plans
+batched into one loop (the server-side loop) equal the plans run one by one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -138,26 +144,28 @@ class PlanNetSampler:
         """All-mask tokens [B, E, 5]: fill some in and pass them as ``fixed_tokens`` to condition."""
         return np.full((batch_size, self.config.max_elements, 5), self.config.mask_token, dtype=np.int64)
 
-    def sample(self, denoise: TokenDenoiser, batch_size: int, generator: np.random.Generator,
+    def sample(self, denoise: TokenDenoiser, batch_size: int,
+               generator: np.random.Generator | Sequence[np.random.Generator],
                steps: int | None = None, temperature: float = 1.0,
                fixed_tokens: np.ndarray | None = None) -> np.ndarray:
-        """Sampled tokens [B, E, 5] (int64, no mask left). ``steps`` defaults to T (one call per level)."""
+        """Sampled tokens [B, E, 5] (int64, no mask left). ``steps`` defaults to T (one call per level).
+        ``generator``: one for the whole batch (rows draw from it in turn), or a sequence of one per row."""
         cfg = self.config
         steps = cfg.num_timesteps if steps is None else steps
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= cfg.num_timesteps:
             raise InputError(f"steps: got {steps!r}, expected an integer in 1..{cfg.num_timesteps}")
         if not np.isfinite(temperature) or temperature < 0:
             raise InputError(f"temperature: got {temperature!r}, expected a number >= 0 (0 = argmax)")
+        rows = _row_generators(generator, batch_size)
         tokens = self.blank_tokens(batch_size) if fixed_tokens is None else self._checked_fixed(fixed_tokens, batch_size)
+        flat = tokens.reshape(batch_size, -1)  # a view (tokens is C-contiguous): [B, E * 5], written in place
 
         levels = plannet_levels(cfg.num_timesteps, steps)
         for level, next_level in zip(levels[:-1], levels[1:]):
-            logits = denoise(tokens.copy(), np.full(batch_size, level, dtype=np.float32))
-            predicted = self._draw_x0(logits, temperature, generator)
-            masked = tokens == cfg.mask_token
-            # Reveal with probability 1 - t'/t: P(still masked at t') = (t/T)(t'/t) = t'/T.
-            reveal = generator.random(tokens.shape) >= next_level / level
-            tokens = np.where(masked & reveal, predicted, tokens)
+            logits = self._checked_logits(denoise(tokens.copy(), np.full(batch_size, level, dtype=np.float32)))
+            for row, row_generator in enumerate(rows):
+                self._reveal(flat[row], logits[row].reshape(flat.shape[1], cfg.num_bins), next_level / level,
+                             temperature, row_generator)
         assert not (tokens == cfg.mask_token).any(), "the last level (0) reveals every token"
         return tokens
 
@@ -169,18 +177,43 @@ class PlanNetSampler:
         return [tokens_to_layout(t, self.config, size) for t, size in zip(tokens, canvas_sizes)]
 
     # ----------------------------------------------------------------------------------------
-    def _draw_x0(self, logits: np.ndarray, temperature: float, generator: np.random.Generator) -> np.ndarray:
+    def _checked_logits(self, logits) -> np.ndarray:
         cfg = self.config
-        expected = (None, cfg.max_elements, 5, cfg.num_bins)
-        if np.ndim(logits) != 4 or tuple(np.shape(logits)[1:]) != expected[1:]:
-            raise ContractError(f"plannet denoiser: returned logits of shape {np.shape(logits)}, expected "
+        logits = np.asarray(logits)
+        if logits.ndim != 4 or logits.shape[1:] != (cfg.max_elements, 5, cfg.num_bins):
+            raise ContractError(f"plannet denoiser: returned logits of shape {logits.shape}, expected "
                                 f"[batch, {cfg.max_elements}, 5, {cfg.num_bins}]")
-        logits = np.array(logits, dtype=np.float64)
-        logits[:, :, 0, cfg.pad_class + 1:] = -np.inf  # the class attribute has pad_class + 1 valid ids
+        return logits
+
+    def _reveal(self, tokens: np.ndarray, logits: np.ndarray, stay: float, temperature: float,
+                generator: np.random.Generator) -> None:
+        """One row's step, in place: ``tokens`` [E * 5], ``logits`` [E * 5, K]. Each still-masked token
+        stays masked with probability ``stay`` = t'/t, so P(masked at t') = (t/T)(t'/t) = t'/T; the
+        others take their x0. Only those tokens' logits are read."""
+        masked = np.flatnonzero(tokens == self.config.mask_token)
+        revealed = masked[generator.random(masked.size) >= stay]
+        if revealed.size:
+            tokens[revealed] = self._draw_x0(logits[revealed], revealed % 5 == 0, temperature, generator)
+
+    def _draw_x0(self, logits: np.ndarray, is_class: np.ndarray, temperature: float,
+                 generator: np.random.Generator) -> np.ndarray:
+        """x0 of n tokens from their logits [n, K]: a draw from softmax(logits / temperature), the
+        argmax at 0; tokens of the class attribute (``is_class`` [n]) only take ids 0..pad_class."""
+        cfg = self.config
+        scores = logits.astype(np.float64)
+        if not np.isfinite(scores).all():
+            raise ContractError("plannet denoiser: returned NaN or Inf logits for tokens being revealed")
+        scores[is_class, cfg.pad_class + 1:] = -np.inf  # the class attribute has pad_class + 1 valid ids
         if temperature == 0:
-            return logits.argmax(axis=-1)
-        # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T).
-        return (logits / temperature + generator.gumbel(size=logits.shape)).argmax(axis=-1)
+            return scores.argmax(axis=1)
+        # Inverse CDF, one uniform per token: the first class whose cumulative weight exceeds
+        # u * total is class k with probability weight_k / total = softmax(logits / T)_k.
+        weights = np.exp((scores - scores.max(axis=1, keepdims=True)) / temperature)
+        cumulative = np.cumsum(weights, axis=1)
+        thresholds = generator.random(len(scores)) * cumulative[:, -1]
+        picks = (cumulative <= thresholds[:, None]).sum(axis=1)
+        # u * total may round up to total itself (odds ~2**-53): stay on a valid id
+        return np.minimum(picks, np.where(is_class, cfg.pad_class, cfg.num_bins - 1))
 
     def _checked_fixed(self, fixed_tokens: np.ndarray, batch_size: int) -> np.ndarray:
         cfg = self.config
@@ -193,4 +226,15 @@ class PlanNetSampler:
         if ((fixed < 0) | (given & (fixed >= limits))).any():
             raise InputError(f"fixed_tokens: values must be class ids 0..{cfg.pad_class} and box bins "
                              f"0..{cfg.num_bins - 1} (or mask_token={cfg.mask_token}), got {fixed.min()}..{fixed.max()}")
-        return fixed.astype(np.int64)
+        return np.array(fixed, dtype=np.int64, order="C")  # a C-ordered copy: the sampler writes it in place
+
+
+def _row_generators(generator, batch_size: int) -> list:
+    """One generator per row: ``generator`` itself for every row, or the sequence given."""
+    if hasattr(generator, "random"):
+        return [generator] * batch_size
+    rows = list(generator)
+    if len(rows) != batch_size:
+        raise InputError(f"generator: got {len(rows)} generators for {batch_size} rows, expected one per row "
+                         f"(or a single numpy Generator)")
+    return rows

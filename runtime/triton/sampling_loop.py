@@ -14,7 +14,8 @@ Same tokens as the client loop: the client sends its generator's PCG64 state (``
 server continues exactly that stream and sends the final state back, so a plan is the same
 whichever side ran the loop. Each row of a request is one plan with its own generator; rows that
 arrive together (one request with several rows, or requests Triton batched) run as one loop with
-batched denoiser calls, each row drawing its noise from its own generator (``RowGenerators``).
+batched denoiser calls, each row drawing its noise from its own generator (the sampler takes one
+generator per row).
 
 The same file holds the client half (``find_server_loop``, ``ServerLoop``), so that both sides
 share the contract and the state encoding. ``posterrt repo build`` copies it into
@@ -95,28 +96,6 @@ def generator_from_state(words: np.ndarray) -> np.random.Generator:
     return set_generator_state(np.random.Generator(np.random.PCG64()), words)
 
 
-class RowGenerators:
-    """One generator per batch row, looking like one ``numpy.random.Generator`` to PlanNetSampler.
-
-    Row i of every draw comes from generator i, with the size a batch-1 loop would ask for, so a
-    batched loop gives each row the numbers its own loop would have drawn. Only the draws the
-    sampler makes are provided: another would fail loudly here instead of silently differing.
-    """
-
-    def __init__(self, generators: list[np.random.Generator]):
-        self.generators = generators
-
-    def _rows(self, draw, size) -> np.ndarray:
-        assert size[0] == len(self.generators), f"draw of {size} for {len(self.generators)} rows"
-        return np.concatenate([draw(generator, (1, *size[1:])) for generator in self.generators])
-
-    def gumbel(self, loc=0.0, scale=1.0, size=None) -> np.ndarray:
-        return self._rows(lambda g, shape: g.gumbel(loc, scale, size=shape), tuple(size))
-
-    def random(self, size=None, dtype=np.float64) -> np.ndarray:
-        return self._rows(lambda g, shape: g.random(shape, dtype=dtype), tuple(size))
-
-
 # -- the server half -------------------------------------------------------------------------
 class RequestError(Exception):
     """A request the sampler cannot serve; answered on that request only."""
@@ -138,7 +117,7 @@ def check_request(contract: ModelContract, sampler: PlanNetSampler, inputs: dict
 class InProcessDenoiser:
     """The denoiser's ONNX in this process. The memory is step-invariant: it is bound once per
     loop (IO binding) and only tokens and timestep are bound per step; the logits land in one
-    buffer reused by every step (the sampler copies them to float64 at once)."""
+    buffer reused by every step (the sampler reads the rows it needs before the next call)."""
 
     def __init__(self, session, num_bins: int):
         self.session = session
@@ -184,7 +163,7 @@ def run_loop(sampler: PlanNetSampler, denoiser, rows: list[dict], generators: li
     stacked = {name: np.concatenate([inputs[name] for inputs in rows]) for name in ("memory", "memory_mask", "fixed_tokens")}
     flat = [g for request in generators for g in request]
     denoise = denoiser.loop_call(stacked["memory"], stacked["memory_mask"], stacked["fixed_tokens"].shape)
-    tokens = sampler.sample(denoise, len(flat), RowGenerators(flat), steps=int(rows[0]["steps"][0]),
+    tokens = sampler.sample(denoise, len(flat), flat, steps=int(rows[0]["steps"][0]),
                             fixed_tokens=stacked["fixed_tokens"])
     cuts = np.cumsum([len(request) for request in generators])[:-1]
     return np.split(tokens, cuts)
