@@ -8,7 +8,8 @@ Candidates (those whose prerequisites exist):
   torch-bf16-autocast   the same module under ``torch.autocast("cpu", bfloat16)``
   torch-bf16-weights    a bf16 copy of the module, bf16 inputs (torch's fastest bf16 form here)
   ort-fp32              the exported ONNX, ONNX Runtime CPU, default optimizations
-  ort-<variant>         each ``posterrt engines optimize`` variant registered in the bundle
+  ort-<variant>         each ONNX Runtime variant ``posterrt engines optimize`` registered
+  openvino-<precision>  each OpenVINO IR variant registered (openvino-fp32, openvino-bf16)
   ort-int8-iobinding    int8 with IO binding: inputs bound once, the output into a preallocated buffer
   ort-int8-nospin       int8 with the thread pool's spin-waiting off (matters when cores are shared)
 
@@ -94,13 +95,22 @@ def ort_session(path: Path, threads: int, spinning: bool = True):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def candidate_name(variant: str) -> str:
+    """Candidates are named by the engine that runs them: ``ort-int8``, ``openvino-bf16``."""
+    return variant if variant.startswith("openvino-") else f"ort-{variant}"
+
+
 def ort_candidates(bundle: Bundle, model: str, inputs: dict, threads: int, variants: list[str],
                    skip: tuple = ()) -> dict:
+    from posterrt.runtime.backends.openvino import OpenVinoSession, is_openvino_ir
+
     output = bundle.contract(model).output_names[0]
     candidates = {}
     sessions = {"ort-fp32": ort_session(bundle.model_path(model), threads)}
     for variant in variants:
-        sessions[f"ort-{variant}"] = ort_session(bundle.model_path(model, variant=variant), threads)
+        path = bundle.model_path(model, variant=variant)
+        sessions[candidate_name(variant)] = OpenVinoSession(path, threads) if is_openvino_ir(path) \
+            else ort_session(path, threads)
     for name, session in sessions.items():
         candidates[name] = (lambda s: lambda: s.run([output], inputs)[0])(session)
     if "int8" in variants:
@@ -135,7 +145,7 @@ def measure(bundle_dir: Path, model: str, image_size: int = 256, repeats: int = 
             threads: int = 2, skip: tuple = (), timestep: float = 500.0) -> dict:
     bundle = Bundle(bundle_dir)
     inputs = step_inputs(bundle, model, image_size, timestep, seed=0)
-    variants = [v for v in sorted(bundle.variants(model)) if f"ort-{v}" not in skip]
+    variants = [v for v in sorted(bundle.variants(model)) if candidate_name(v) not in skip]
     candidates = {}
     if not {"torch-fp32", "torch-bf16-autocast", "torch-bf16-weights"} <= set(skip):
         try:

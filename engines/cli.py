@@ -7,7 +7,7 @@ from pathlib import Path
 from posterrt.runtime.contracts import MODEL_NAMES, parse_model_list
 from posterrt.runtime.errors import ParityError
 
-from .ort_optimize import VARIANTS as ORT_VARIANTS
+from .ort_optimize import VARIANTS as CPU_VARIANTS
 from .precision import PRECISIONS
 
 
@@ -50,9 +50,9 @@ def add_arguments(parser):
     show = sub.add_parser("show", help="list the engines of a folder and whether they fit this machine")
     show.add_argument("--engines", required=True, type=Path)
 
-    optimize = sub.add_parser("optimize", help="write a gated ONNX Runtime CPU variant (fp32-opt, int8) of models into the bundle")
+    optimize = sub.add_parser("optimize", help="write a gated CPU variant (ONNX Runtime fp32-opt, int8, int8-dynamic; OpenVINO fp32, bf16) of models into the bundle")
     optimize.add_argument("--bundle", required=True, type=Path)
-    optimize.add_argument("--variant", required=True, choices=ORT_VARIANTS)
+    optimize.add_argument("--variant", required=True, choices=CPU_VARIANTS)
     optimize.add_argument("--models", default="bg_unet,render_unet", help="comma-separated (default bg_unet,render_unet)")
     optimize.add_argument("--out", type=Path, help="also write the build and gate reports there as optimize-VARIANT.json")
 

@@ -23,9 +23,15 @@ Variants:
 * ``int8-dynamic``: dynamic quantization of the weight MatMuls only (activation scales computed
   per call); no calibration, convolutions stay fp32.
 
-bf16 is not a variant here: ONNX Runtime's CPU provider has no bf16 Conv or MatMul kernels (opset
-17 does not even list bf16 for Conv), so a bf16 graph does not load; see benchmarks/RESULTS.md for
-the measured alternatives.
+* ``openvino-fp32``: the model converted to OpenVINO IR (``<model>.openvino-fp32.xml`` + ``.bin``,
+  fp32 weights), run by OpenVINO at f32 (gated at 1e-4, like fp32-opt). Faster than ONNX Runtime's
+  fp32 on the paper UNets (benchmarks/RESULTS.md).
+* ``openvino-bf16``: the same IR marked to run at bf16 (OpenVINO's CPU plugin computes Conv /
+  MatMul in bf16 on AVX-512-bf16 cores, keeping what it judges sensitive in fp32), gated as
+  reduced precision.
+
+bf16 is not an ONNX Runtime variant: its CPU provider has no bf16 Conv or MatMul kernels (opset 17
+does not even list bf16 for Conv), so a bf16 ONNX graph does not load; the bf16 path is OpenVINO.
 """
 from __future__ import annotations
 
@@ -46,9 +52,12 @@ from posterrt.runtime.errors import InputError
 from . import quality_gate
 from .quality_gate import APPROXIMATE, EXACT, Tolerances
 
-VARIANTS = ("fp32-opt", "int8", "int8-dynamic")
+VARIANTS = ("fp32-opt", "int8", "int8-dynamic", "openvino-fp32", "openvino-bf16")
 #: Which gate each variant must pass.
-VARIANT_GATES: dict[str, Tolerances] = {"fp32-opt": EXACT, "int8": APPROXIMATE, "int8-dynamic": APPROXIMATE}
+VARIANT_GATES: dict[str, Tolerances] = {"fp32-opt": EXACT, "int8": APPROXIMATE, "int8-dynamic": APPROXIMATE,
+                                        "openvino-fp32": EXACT, "openvino-bf16": APPROXIMATE}
+#: OpenVINO IR variants: the precision OpenVINO runs each at.
+OPENVINO_PRECISION = {"openvino-fp32": "f32", "openvino-bf16": "bf16"}
 #: Models past this size are written with their weights in ``<file>.data`` (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)
 
@@ -60,7 +69,8 @@ def check_variant(value: str) -> str:
 
 
 def variant_file(model: str, variant: str) -> str:
-    return f"{model}.{check_variant(variant)}.onnx"
+    suffix = ".xml" if variant in OPENVINO_PRECISION else ".onnx"
+    return f"{model}.{check_variant(variant)}{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +206,10 @@ def build_variant(bundle: Bundle, model: str, variant: str, target: Path, gate_o
         report = build_fp32_opt(source, target)
     elif variant == "int8":
         report = build_int8_static(source, target, _calibration(bundle, model, gate_options))
+    elif variant in OPENVINO_PRECISION:
+        from posterrt.runtime.backends.openvino import write_ir
+
+        report = write_ir(source, target, OPENVINO_PRECISION[variant])
     else:
         report = build_int8_dynamic(source, target)
     report["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -238,6 +252,7 @@ def optimize_bundle(bundle_dir: Path, variant: str, models: list[str], gate_opti
             pipeline_gate = _pipeline_gate(bundle, model, variant, staging / name, tolerances, progress)
             data_files = [p.name for p in staging.iterdir() if p.name != name]
             entry = {"file": name, "data_files": data_files, "sha256": sha256_file(staging / name),
+                     "data_sha256": {data: sha256_file(staging / data) for data in data_files},
                      "source_sha256": bundle.models[model].sha256,
                      "bytes": sum(p.stat().st_size for p in staging.iterdir()), "build": build, "gate": gate,
                      "pipeline_gate": pipeline_gate}
@@ -250,18 +265,25 @@ def optimize_bundle(bundle_dir: Path, variant: str, models: list[str], gate_opti
     return written
 
 
+#: Pipelines that re-read a model's output with another random-weight-sensitive network, whose
+#: report is recorded but not enforced for approximate variants of that model: the poster
+#: pipeline runs RADM on the background bg_unet painted, and on the tiny random-weight bundle a
+#: background 40 dB away from the fp32 one (invisible) already moves RADM's boxes past every layout
+#: bound (measured: openvino-bf16 bg_unet, background 40.6 dB, poster layout 10% of the canvas off).
+#: That measures RADM's sensitivity, not the variant's accuracy; the background pipeline, which
+#: ends at the variant's picture, is the enforced check.
+DOWNSTREAM_RECORDED = {"bg_unet": ("poster",)}
+
+
 def _pipeline_gate(bundle: Bundle, model: str, variant: str, file: Path, tolerances: Tolerances, progress) -> dict:
     """Whole pipelines (layout boxes and metrics, image PSNR/SSIM) with the variant against the fp32
     bundle, on the fixed seeded requests of ``runtime.accuracy``, for every pipeline that calls
     ``model`` and whose models the bundle holds (otherwise recorded as skipped).
 
-    Enforced for exact variants (fp32-opt must reproduce the fp32 pipelines). For approximate
-    variants the enforced gate is the model-level one above (per-step noise error, latent and
-    decoded-image PSNR of a guided loop); the pipeline report is recorded beside it and its
-    failures printed. Why not enforced: on the tiny random-weight bundle the int8 UNet passes the
-    model-level gate yet one background request lands at 28.4 dB (< 30), and the poster pipeline
-    re-runs RADM on the generated background, whose random-weight layout jumps with any pixel
-    change; deciding whether int8 should be refused on that evidence needs trained weights."""
+    Enforced: exact variants (fp32-opt, openvino-fp32) must meet the fp32 thresholds on every
+    pipeline; approximate ones (int8, bf16) the reduced-precision thresholds on every pipeline but
+    those of :data:`DOWNSTREAM_RECORDED`, whose failures are recorded and printed. A variant that
+    fails is not written (ParityError naming each failed check)."""
     from posterrt.runtime.accuracy import (ACCURACY_PIPELINES, FP32_GATE, REDUCED_PRECISION_GATE, gate_variant,
                                            pipeline_models, require_passed)
 
@@ -270,14 +292,19 @@ def _pipeline_gate(bundle: Bundle, model: str, variant: str, file: Path, toleran
     if not pipelines:
         return {"skipped": f"the bundle lacks the other models of every pipeline that calls {model}"}
     progress(f"{model}: pipeline gate ({', '.join(pipelines)})")
-    thresholds = FP32_GATE if tolerances == EXACT else REDUCED_PRECISION_GATE
+    exact = tolerances == EXACT
+    thresholds = FP32_GATE if exact else REDUCED_PRECISION_GATE
     report = gate_variant(bundle, variant, thresholds, files={model: file}, pipelines=pipelines)
-    if tolerances == EXACT:
-        require_passed(report, f"{model} {variant}")
-    else:
-        report["gate"]["enforced"] = False
-        for failure in report["gate"]["failures"]:
-            progress(f"{model}: pipeline check (advisory for {variant}): {failure}")
+    recorded = () if exact else DOWNSTREAM_RECORDED.get(model, ())
+    failures = report["gate"]["failures"]
+    enforced = [f for f in failures if f.split(":", 1)[0] not in recorded]
+    report["gate"].update(enforced_pipelines=[p for p in pipelines if p not in recorded],
+                          recorded_pipelines=[p for p in pipelines if p in recorded],
+                          passed=not enforced, failures=enforced,
+                          recorded_failures=[f for f in failures if f.split(":", 1)[0] in recorded])
+    for failure in report["gate"]["recorded_failures"]:
+        progress(f"{model}: pipeline check (recorded, not enforced for {variant}): {failure}")
+    require_passed(report, f"{model} {variant}")
     return report
 
 

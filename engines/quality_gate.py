@@ -181,13 +181,19 @@ def psnr_db(actual: np.ndarray, expected: np.ndarray, peak: float) -> float:
 # The gate
 # ---------------------------------------------------------------------------------------------
 def ort_step(path: Path, contract: ModelContract, threads: int | None = None) -> StepFn:
-    """A step function over one ONNX file (CPU execution provider, default graph optimizations)."""
+    """A step function over one ONNX file (CPU execution provider, default graph optimizations), or
+    over an OpenVINO IR variant (OpenVINO, at the precision the IR was written for)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from posterrt.runtime.backends.openvino import OpenVinoSession, is_openvino_ir
+
+    if is_openvino_ir(path):
+        session = OpenVinoSession(path, threads)
+    else:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = contract.output_names
     return lambda inputs: session.run(names, inputs)[0] if len(names) == 1 else session.run(names, inputs)
 
@@ -254,7 +260,7 @@ def judge(figures: dict, tolerances: Tolerances) -> list[str]:
 
 
 def run_gate(bundle: Bundle, model: str, variant_path: Path, tolerances: Tolerances, **options) -> dict:
-    """The gate's report for the ONNX file ``variant_path``: figures, tolerances, failures, passed."""
+    """The gate's report for the ONNX file (or OpenVINO IR) ``variant_path``: figures, tolerances, failures, passed."""
     variant = ort_step(variant_path, bundle.contract(model))
     figures = evaluate(bundle, model, variant, **options)
     failures = judge(figures, tolerances)

@@ -114,7 +114,8 @@ class Bundle:
             if found.get("source_sha256") != entry.sha256:
                 raise BundleError(f"bundle {self.root}: variant {variant!r} of {name} was made from another export "
                                   f"of the model; run `posterrt engines optimize --variant {variant} --models {name}` again")
-            entry = ModelEntry(name, found["file"], found["sha256"], entry.static_dims, list(found.get("data_files", [])))
+            entry = ModelEntry(name, found["file"], found["sha256"], entry.static_dims, list(found.get("data_files", [])),
+                               dict(found.get("data_sha256", {})))
             key = f"{name}.{variant}"
         path = confined_path(self.root, entry.file, f"bundle model {key!r}")
         if not path.is_file():

@@ -17,6 +17,7 @@ from ..bundle import Bundle
 from ..contracts import ModelContract
 from ..errors import BackendError, InputError
 from .base import Backend
+from .openvino import OpenVinoSession, is_openvino_ir
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -28,7 +29,9 @@ class OrtBackend(Backend):
     one thread per physical core). ``providers``: execution providers in priority order; those this
     onnxruntime build lacks are refused up front rather than silently dropped. ``variants``:
     ``{model: variant}`` loads ``posterrt engines optimize``'s variant of those models (``int8``,
-    ``fp32-opt``) instead of the exported file.
+    ``fp32-opt``, ``openvino-bf16``, ...) instead of the exported file. Variants written as
+    OpenVINO IR run on OpenVINO (:mod:`.openvino`) with ``intra_op_threads`` as its thread count;
+    the rest of the backend does not know the difference.
     """
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
@@ -59,6 +62,9 @@ class OrtBackend(Backend):
         with lock:
             if model not in self._sessions:
                 path = self.bundle.model_path(model, variant=self.variants.get(model))
+                if is_openvino_ir(path):
+                    self._sessions[model] = OpenVinoSession(path, self.options_template.intra_op_num_threads or None)
+                    return self._sessions[model]
                 try:
                     self._sessions[model] = ort.InferenceSession(str(path), self.options_template,
                                                                  providers=self.providers)
@@ -75,8 +81,10 @@ class OrtBackend(Backend):
         session = self.session(contract.name)
         try:
             outputs = session.run(contract.output_names, inputs)
+        except BackendError:
+            raise
         except Exception as error:
-            raise BackendError(f"model {contract.name!r}: ONNX Runtime failed: {error}") from None
+            raise BackendError(f"model {contract.name!r}: {_engine(session)} failed: {error}") from None
         return dict(zip(contract.output_names, outputs))
 
     def close(self) -> None:
@@ -84,6 +92,10 @@ class OrtBackend(Backend):
 
     def __repr__(self) -> str:
         return f"OrtBackend({str(self.bundle.root)!r}, providers={self.providers})"
+
+
+def _engine(session) -> str:
+    return "OpenVINO" if isinstance(session, OpenVinoSession) else "ONNX Runtime"
 
 
 _OPTIMIZATION_LEVELS = {
