@@ -404,6 +404,26 @@ def parse_model_list(text: str | None, flag: str = "--models") -> list[str]:
     return [n for n in MODEL_NAMES if n in names]
 
 
+def parse_variant_list(text: str | None, flag: str = "--variants") -> dict[str, str]:
+    """``"bg_unet=openvino-bf16,render_unet=int8"`` -> ``{model: variant}``; empty/None means none.
+    The variants themselves are checked against the bundle when a backend loads them."""
+    from .errors import InputError
+
+    variants: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        model, _, variant = (part.strip() for part in item.partition("="))
+        if not variant:
+            raise InputError(f"{flag}: got {item.strip()!r}, expected MODEL=VARIANT (e.g. bg_unet=openvino-bf16)")
+        if model not in CONTRACTS:
+            raise InputError(f"{flag}: unknown model {model!r}; expected names from {', '.join(MODEL_NAMES)}")
+        if model in variants and variants[model] != variant:
+            raise InputError(f"{flag}: model {model!r} is given two variants ({variants[model]!r}, {variant!r})")
+        variants[model] = variant
+    return variants
+
+
 def validate_inputs(contract: ModelContract, inputs: Mapping[str, np.ndarray], check_finite: bool = True) -> dict[str, int]:
     """Check names, dtypes, ranks, fixed sizes and dynamic ranges of one call's inputs.
 
