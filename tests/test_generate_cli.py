@@ -112,7 +112,10 @@ def test_unusable_bundle_is_one_line_and_exit_2(inputs, tmp_path, capsys, bundle
 
 
 @pytest.mark.parametrize("extra, words", [(["--backend", "ftp://host:1"], ["--backend", "http://HOST:PORT"]),
-                                          (["--backend", "grpc://127.0.0.1:1", "--threads", "2"], ["--threads"])])
+                                          (["--backend", "grpc://127.0.0.1:1", "--threads", "2"], ["--threads"]),
+                                          (["--variants", "bg_unet"], ["--variants", "MODEL=VARIANT"]),
+                                          (["--backend", "grpc://127.0.0.1:1", "--variants", "bg_unet=int8"],
+                                           ["--variants", "repo build --variants"])])
 def test_bad_backend_choice_is_one_line_and_exit_2(inputs, tmp_path, capsys, extra, words):
     code = _generate(inputs, tmp_path, *extra)
     err = capsys.readouterr().err
@@ -178,6 +181,14 @@ def test_generate_writes_png_and_layout_json(bundle, inputs, tmp_path, capsys, p
     placed = [e["text"] for e in layout["elements"] if "text" in e]
     assert sorted(placed + layout["unplaced_texts"]) == (
         [] if pipeline == "background" else ["Buy 2 get 1 free", "Fresh Orange Juice"])
+
+
+def test_unknown_variant_is_one_line_and_exit_2(bundle, inputs, tmp_path, capsys):
+    code = main(["generate", "--product", str(inputs / "product.png"), "--bundle", str(bundle), "--out",
+                 str(tmp_path / "p.png"), "--variants", "bg_unet=nope", *RUN])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no variant 'nope'" in err and "engines optimize" in err
 
 
 def test_same_seed_same_files_other_seed_other_poster(bundle, inputs, tmp_path, capsys):

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from ..contracts import parse_variant_list
 from ..errors import InputError
 from ..images import load_product, load_rgb, load_rgba
 from ..pipelines import PIPELINES, needs_product_mask
@@ -49,6 +50,9 @@ def add_arguments(parser) -> None:
                         help="Triton server URL(s), http://HOST:8000 or grpc://HOST:8001, comma-separated for "
                              "several; default: embedded ONNX Runtime")
     parser.add_argument("--threads", default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    parser.add_argument("--variants", default=None, metavar="MODEL=VARIANT,...",
+                        help="embedded backend: run these models' gated variants from `posterrt engines optimize` "
+                             "(e.g. bg_unet=openvino-bf16,render_unet=openvino-bf16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, type=Path, help="poster PNG to write; the layout JSON goes beside it")
 
@@ -103,14 +107,17 @@ def build_request(args) -> PosterRequest:
     return request.validate()
 
 
-def make_backend(bundle, url: str | None, threads: int | None):
+def make_backend(bundle, url: str | None, threads: int | None, variants: dict | None = None):
     """Embedded ONNX Runtime by default; Triton server(s) when --backend names http:// or grpc:// URLs."""
     from ..backends import EMBEDDED, open_backend
 
     if url in EMBEDDED:
-        return open_backend(bundle, url, intra_op_threads=threads)
+        return open_backend(bundle, url, intra_op_threads=threads, variants=variants)
     if threads is not None:
         raise InputError(f"--threads: sets ONNX Runtime's thread pool and has no effect with --backend {url!r}")
+    if variants:
+        raise InputError(f"--variants: chooses the models the embedded backend loads; with --backend {url!r} the "
+                         f"server serves what its repository holds (`posterrt repo build --variants`)")
     return open_backend(bundle, url)
 
 
@@ -133,7 +140,7 @@ def run(args) -> int:
         raise InputError(f"--bundle: not given, and no bundle at the default {default_bundle_dir()}; run "
                          f"`posterrt demo` once to build the tiny one there, or pass --bundle DIR")
     bundle = Bundle(args.bundle or default_bundle_dir())
-    with make_backend(bundle, args.backend, threads) as backend:
+    with make_backend(bundle, args.backend, threads, parse_variant_list(args.variants)) as backend:
         pipeline = build_pipeline(args.pipeline, backend, progress=not args.quiet)
         result = pipeline(request)
     poster, layout = write_outputs(result, args.out)
