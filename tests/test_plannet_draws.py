@@ -1,6 +1,6 @@
-"""PlanNet sampler's draws: x0 follows softmax(logits / T) on the class ids a class may take, the
-masked fraction follows t/T with given tokens in place, the random work of a step is one uniform per
-still-masked token plus one per revealed token, and one generator per row gives each row what a
+"""PlanNet sampler's draws: x0 follows softmax(logits / T) on the ids an attribute may take, the
+masked fraction follows t/T with given tokens in place, the random work is one uniform per free
+token plus Gumbel noise for revealed tokens only, and one generator per row gives each row what a
 batch-1 run with that generator gives (what the server-side loop relies on)."""
 from __future__ import annotations
 
@@ -98,33 +98,40 @@ def test_masked_fraction_of_free_tokens_follows_t_over_T(steps):
 
 
 class CountingGenerator:
-    """A generator that counts the uniforms drawn (the only draw the sampler makes)."""
+    """A generator that counts the numbers drawn, by kind (the sampler draws uniforms and Gumbels)."""
 
     def __init__(self, seed):
-        self.inner, self.drawn = np.random.default_rng(seed), 0
+        self.inner, self.drawn = np.random.default_rng(seed), {"random": 0, "gumbel": 0}
 
     def random(self, size):
-        self.drawn += int(np.prod(size))
+        self.drawn["random"] += int(np.prod(size))
         return self.inner.random(size)
+
+    def gumbel(self, size):
+        self.drawn["gumbel"] += int(np.prod(size))
+        return self.inner.gumbel(size=size)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-def test_a_step_draws_one_uniform_per_masked_token_and_one_per_revealed_token(temperature):
+def test_draws_are_one_uniform_per_free_token_and_gumbels_only_for_revealed_ones(temperature):
+    """The reveal schedule takes one uniform per free token for the whole loop; each step draws
+    Gumbel noise only for the tokens it reveals (each free token once), none at temperature 0."""
     config = _config()
     sampler = PlanNetSampler(config)
     fixed = sampler.blank_tokens(2)
     fixed[:, 0, 0] = 0
-    masked_seen = []
+    revealed_seen = []
 
     def model(tokens, timestep):
-        masked_seen.append(int((tokens == config.mask_token).sum()))
+        revealed_seen.append(int((tokens != config.mask_token).sum()))
         return np.zeros((len(tokens), config.max_elements, 5, config.num_bins), np.float32)
 
     generator = CountingGenerator(5)
-    sampler.sample(model, 2, generator, fixed_tokens=fixed, temperature=temperature)
+    tokens = sampler.sample(model, 2, generator, fixed_tokens=fixed, temperature=temperature)
     free = int((fixed == config.mask_token).sum())
-    # every masked token seen gets a reveal uniform; each free token is revealed once, with one x0 uniform
-    assert generator.drawn == sum(masked_seen) + (free if temperature else 0)
+    assert generator.drawn == {"random": free, "gumbel": free * config.num_bins if temperature else 0}
+    assert len(set(revealed_seen)) > 10, "tokens are revealed over many steps, not all at once"
+    assert (tokens != config.mask_token).all()
 
 
 def test_one_generator_per_row_gives_each_row_its_batch_one_plan():
