@@ -11,7 +11,7 @@ from pathlib import Path
 
 from posterrt.runtime.errors import InputError
 
-ALL_BACKENDS = ("torch", "ort", "http", "grpc")
+ALL_BACKENDS = ("torch", "ort", "openvino", "http", "grpc")
 
 
 def _csv(text: str, allowed=None, what="value") -> list[str]:
@@ -88,7 +88,7 @@ def run(args) -> int:
 
         models = _csv(args.models) if args.models else list(bundle.models)
         bundle.require(models)
-        results["models"] = bench_models(bundle, models, args.image_size, [b for b in backends if b in ("torch", "ort")],
+        results["models"] = bench_models(bundle, models, args.image_size, [b for b in backends if b in ("torch", "ort", "openvino")],
                                          repeats=args.repeats, threads=args.threads)
     serving = [b for b in backends if b in ("http", "grpc")]
     if "stages" not in skip or ("throughput" not in skip and serving):

@@ -1,5 +1,6 @@
-"""Per served model: one call at batch 1 and at the CFG batch, PyTorch eager vs ONNX Runtime,
-interleaved after warm-up, with the call's FLOPs from the ONNX graph and the achieved GFLOP/s."""
+"""Per served model: one call at batch 1 and at the CFG batch, PyTorch eager vs ONNX Runtime (and
+OpenVINO at f32 on the same ONNX, when asked), interleaved after warm-up, with the call's FLOPs from
+the ONNX graph and the achieved GFLOP/s."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -25,10 +26,11 @@ def bench_sizes(image_size: int, batch: int) -> dict[str, int]:
 
 def bench_models(bundle: Bundle, models: Iterable[str], image_size: int, backends: list[str],
                  batches=(1, 2), repeats: int = 5, warmup: int = 1, threads: int | None = None) -> list[dict]:
-    """One row per (model, batch). ``backends`` is a subset of ('torch', 'ort')."""
+    """One row per (model, batch). ``backends`` is a subset of ('torch', 'ort', 'openvino')."""
     from posterrt.runtime.backends.onnxruntime import OrtBackend
 
     ort_backend = OrtBackend(bundle, intra_op_threads=threads) if "ort" in backends else None
+    openvino_sessions = {}
     torch_ready = "torch" in backends and _import_torch(threads)
     rows = []
     progress = tqdm(list(models), desc="models", unit="model")
@@ -47,6 +49,9 @@ def bench_models(bundle: Bundle, models: Iterable[str], image_size: int, backend
                 candidates["ort"] = lambda: ort_backend.run(name, inputs)
             if torch_ready:
                 candidates["torch"] = _torch_call(exportable, inputs)
+            if "openvino" in backends:
+                session = openvino_sessions.get(name) or openvino_sessions.setdefault(name, _openvino(bundle, name, threads))
+                candidates["openvino"] = (lambda s, i: lambda: s.run(None, i))(session, inputs)
             timings = interleaved(candidates, repeats=repeats, warmup=warmup)
             row = {"model": name, "batch": batch, "image_size": image_size, "shapes": {k: list(v) for k, v in shapes.items()},
                    "gflop": flops["total"] / 1e9, "flops_unknown_nodes": flops["unknown_nodes"], "latency": timings}
@@ -54,11 +59,22 @@ def bench_models(bundle: Bundle, models: Iterable[str], image_size: int, backend
                 row[f"{backend}_gflops"] = flops["total"] / 1e9 / (stats["p50_ms"] / 1e3)
             if "torch" in timings and "ort" in timings:
                 row["ort_speedup_vs_torch"] = timings["torch"]["p50_ms"] / timings["ort"]["p50_ms"]
+            if "torch" in timings and "openvino" in timings:
+                row["openvino_speedup_vs_torch"] = timings["torch"]["p50_ms"] / timings["openvino"]["p50_ms"]
             rows.append(row)
         del exportable
+        openvino_sessions.pop(name, None)  # one model's compiled graph at a time (paper UNets are GBs)
     if ort_backend is not None:
         ort_backend.close()
     return rows
+
+
+def _openvino(bundle: Bundle, name: str, threads: int | None):
+    """OpenVINO on the exported ONNX itself, at f32: the fp32 engine comparison (the bf16 form is
+    the ``openvino-bf16`` variant, benchmarked by ``benchmarks/unet_step.py``)."""
+    from posterrt.runtime.backends.openvino import OpenVinoSession
+
+    return OpenVinoSession(bundle.model_path(name), threads)
 
 
 def _import_torch(threads):

@@ -29,15 +29,16 @@ def markdown(results: dict) -> str:
     if results.get("models"):
         backends = sorted({b for row in results["models"] for b in row["latency"]})
         lines += ["## Per model (one call, p50 ms)", "",
-                  "| model | batch | GFLOP | " + " | ".join(f"{b} ms | {b} GFLOP/s" for b in backends) + " | ort speed-up vs torch |",
-                  "|---|---|---|" + "---|---|" * len(backends) + "---|"]
+                  "| model | batch | GFLOP | " + " | ".join(f"{b} ms | {b} GFLOP/s" for b in backends)
+                  + " | ort speed-up vs torch | openvino speed-up vs torch |",
+                  "|---|---|---|" + "---|---|" * len(backends) + "---|---|"]
         for row in results["models"]:
             cells = []
             for backend in backends:
                 stats = row["latency"].get(backend)
                 cells += [_fmt(stats and stats["p50_ms"], 2), _fmt(row.get(f"{backend}_gflops"), 1)]
             lines.append(f"| {row['model']} | {row['batch']} | {row['gflop']:.3f} | " + " | ".join(cells)
-                         + f" | {_fmt(row.get('ort_speedup_vs_torch'), 2)}x |")
+                         + f" | {_fmt(row.get('ort_speedup_vs_torch'), 2)}x | {_fmt(row.get('openvino_speedup_vs_torch'), 2)}x |")
         lines.append("")
     if results.get("stages"):
         lines += ["## Per pipeline stage (ms)", "",

@@ -13,7 +13,7 @@ from posterrt.runtime.contracts import validate_inputs
 def test_bench_writes_json_table_and_plots(tiny_bundle, tmp_path):
     out = tmp_path / "bench"
     code = main(["bench", "--bundle", str(tiny_bundle), "--models", "radm_text_encoder,plannet_denoiser",
-                 "--pipelines", "layout", "--backends", "torch,ort,grpc", "--skip", "throughput",
+                 "--pipelines", "layout", "--backends", "torch,ort,openvino,grpc", "--skip", "throughput",
                  "--repeats", "1", "--steps", "1", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "bench.json").read_text())
@@ -21,7 +21,8 @@ def test_bench_writes_json_table_and_plots(tiny_bundle, tmp_path):
     rows = {(r["model"], r["batch"]) for r in results["models"]}
     assert rows == {(m, b) for m in ("radm_text_encoder", "plannet_denoiser") for b in (1, 2)}
     for row in results["models"]:
-        assert set(row["latency"]) == {"torch", "ort"} and row["gflop"] > 0 and row["flops_unknown_nodes"] == 0
+        assert set(row["latency"]) == {"torch", "ort", "openvino"} and row["gflop"] > 0 and row["flops_unknown_nodes"] == 0
+        assert row["openvino_speedup_vs_torch"] > 0
     backends = {r["backend"] for r in results["stages"]}
     assert {"embedded", "triton-grpc"} <= backends
     stages = {r["stage"] for r in results["stages"] if r["backend"] == "embedded"}
