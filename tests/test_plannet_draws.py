@@ -158,9 +158,18 @@ def test_one_generator_per_row_gives_each_row_its_batch_one_plan():
         sampler.sample(model, 3, batched[:2], steps=9)
 
 
-def test_non_finite_logits_of_revealed_tokens_are_refused():
+def test_non_finite_logits_are_refused_but_minus_infinity_is_probability_zero():
     config = _config()
     logits = np.zeros((1, config.max_elements, 5, config.num_bins), np.float32)
-    logits[0, 2, 3, 4] = np.nan
-    with pytest.raises(ContractError, match="NaN or Inf logits"):
-        PlanNetSampler(config).sample(lambda t, s: logits, 1, np.random.default_rng(0), steps=1)
+    logits[0, :, 1:, :8] = -np.inf  # box bins 0..7 impossible
+    tokens = PlanNetSampler(config).sample(lambda t, s: logits, 1, np.random.default_rng(0), steps=3)
+    assert (tokens[..., 1:] >= 8).all()
+    for bad in (np.nan, np.inf):
+        broken = logits.copy()
+        broken[0, 2, 3, 12] = bad
+        with pytest.raises(ContractError, match="NaN, \\+Inf or no finite logit"):
+            PlanNetSampler(config).sample(lambda t, s: broken, 1, np.random.default_rng(0), steps=1)
+    broken = logits.copy()
+    broken[0, 2, 3] = -np.inf
+    with pytest.raises(ContractError, match="no finite logit"):
+        PlanNetSampler(config).sample(lambda t, s: broken, 1, np.random.default_rng(0), steps=1)

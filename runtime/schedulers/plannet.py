@@ -206,10 +206,10 @@ class PlanNetSampler:
     def _draw_x0(self, logits: np.ndarray, revealed: np.ndarray, temperature: float, generator) -> np.ndarray:
         """x0 of the ``revealed`` tokens of one row, from its logits [E * 5, K] (only those rows are
         read): a draw from softmax(logits / temperature), the argmax at 0, on the attribute's ids."""
-        rows = logits[revealed]
-        if not np.isfinite(rows).all():
-            raise ContractError("plannet denoiser: returned NaN or Inf logits for tokens being revealed")
-        scores = rows + self._attribute_bias[revealed % 5]  # float64; the class's invalid ids at -inf
+        scores = logits[revealed] + self._attribute_bias[revealed % 5]  # float64; the class's invalid ids at -inf
+        # -inf is a logit of probability 0; a NaN (max propagates it), +inf or no finite logit is an error
+        if not np.isfinite(scores.max(axis=1)).all():
+            raise ContractError("plannet denoiser: returned NaN, +Inf or no finite logit for a token being revealed")
         if temperature == 0:
             return scores.argmax(axis=1)
         # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). Over
