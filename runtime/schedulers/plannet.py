@@ -169,8 +169,9 @@ class PlanNetSampler:
         levels = plannet_levels(cfg.num_timesteps, steps)
         schedules = [self._reveal_schedule(np.flatnonzero(flat[row] == cfg.mask_token), levels, row_generator)
                      for row, row_generator in enumerate(rows)]
-        for step, level in enumerate(levels[:-1]):
-            logits = self._checked_logits(denoise(tokens.copy(), np.full(batch_size, level, dtype=np.float32)))
+        timesteps = np.repeat(levels[:-1, None], batch_size, axis=1).astype(np.float32)  # [steps, B], made once
+        for step in range(steps):
+            logits = self._checked_logits(denoise(tokens.copy(), timesteps[step]))
             for row, row_generator in enumerate(rows):
                 revealed = schedules[row][step]
                 if revealed.size:
