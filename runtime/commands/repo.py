@@ -15,6 +15,12 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4, got {text!r}") from None
 
 
+def _served(model) -> str:
+    """`` (variant int8, sha256 0123456789ab..., onnxruntime)`` for a model that serves a variant."""
+    variant = model.variant
+    return f"  (variant {variant['name']}, sha256 {variant['sha256'][:12]}..., {variant['engine']})" if variant else ""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     build = sub.add_parser("build", help="write <out>/<model>/config.pbtxt and <out>/<model>/1/ for a bundle")
@@ -25,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--out", default="model_repository", help="repository folder (default: model_repository)")
     build.add_argument("--models", help="comma-separated models (default: every model of the bundle)")
     build.add_argument("--engines", help="folder of TensorRT plans from `posterrt engines build` (gpu-trt)")
+    build.add_argument("--variants", metavar="MODEL=VARIANT,...",
+                       help="cpu flavor: serve these optimized variants from `posterrt engines optimize` instead of "
+                            "the exported fp32 files, e.g. bg_unet=openvino-bf16,render_unet=int8 (ONNX variants run "
+                            "on ONNX Runtime, openvino-* on OpenVINO, which must be installed in the server's Python); "
+                            "every listed model must be written by this build")
     batching = build.add_mutually_exclusive_group()
     batching.add_argument("--dynamic-batching", dest="dynamic_batching", action="store_true", default=None,
                           help="force dynamic batching on for every model (default: on for step and prologue models)")
@@ -33,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--queue-delay-us", type=int, help="max_queue_delay_microseconds (default: 0)")
     build.add_argument("--preferred-batch-sizes", type=_int_list, default=(), help="e.g. 2,4 (default: none)")
     build.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
-    build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime threads per instance (default 1)")
+    build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime (or OpenVINO) threads per instance (default 1)")
     build.add_argument("--inter-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime inter-op threads (default 1)")
     build.add_argument("--accelerator", choices=GPU_ACCELERATORS, default="tensorrt",
                        help="gpu-onnx: TensorRT execution provider (default) or CUDA only")
@@ -47,11 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
+    from ..contracts import parse_variant_list
     from ..triton.model_config import ServingOptions
     from ..triton.repository import build_repository, write_client_bundle
 
     if args.engines and args.flavor != "gpu-trt":
         raise InputError(f"--engines: only the gpu-trt flavor uses TensorRT plans, got --flavor {args.flavor}")
+    variants = parse_variant_list(args.variants)
     bundle = Bundle(args.bundle)
     models = None
     if args.models:
@@ -65,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
         intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
         gpu_accelerator=args.accelerator, trt_precision=args.precision,
         max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6))
-    report = build_repository(bundle, args.out, options, models=models, engines=args.engines)
+    report = build_repository(bundle, args.out, options, models=models, engines=args.engines, variants=variants)
     for model in report.models:
-        print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}")
+        print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}{_served(model)}")
         if model.note:
             print(f"  {model.note}", file=sys.stderr)
     for loop in report.server_loops:  # serving-only models (plannet_sampler)
-        print(f"{loop.name:20s} ok  {loop.folder}  (sampling loop in the server)")
+        print(f"{loop.name:20s} ok  {loop.folder}  (sampling loop in the server){_served(loop)}")
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.client_bundle:
         print(f"client bundle: {write_client_bundle(bundle, args.client_bundle)}")
     print(f"repository {report.root} ({report.flavor}): {len(report.models)} models; "

@@ -1,16 +1,20 @@
-"""Generic Triton Python-backend model: one ONNX file run by ONNX Runtime (the repository's cpu flavor).
+"""Generic Triton Python-backend model: one ONNX file run by ONNX Runtime, or one OpenVINO IR run
+by OpenVINO (the repository's cpu flavor).
 
-``posterrt repo build`` copies this same file into every ``<model>/1/`` beside ``model.onnx`` and
-``contract.json`` (the model's resolved I/O contract); nothing in it is specific to one model.
+``posterrt repo build`` copies this same file into every ``<model>/1/`` beside ``model.onnx`` (or,
+for an OpenVINO variant, ``model.xml`` + ``model.bin``) and ``contract.json`` (the model's
+resolved I/O contract); nothing in it is specific to one model.
 
 * ``initialize`` opens the ONNX Runtime session once, with the thread settings from the config's
   parameters (``intra_op_thread_count`` / ``inter_op_thread_count`` / ``allow_spinning``, the ONNX
-  Runtime backend's keys).
+  Runtime backend's keys). When the folder holds ``model.xml`` it compiles that IR with OpenVINO
+  instead, at the precision the IR records, with ``intra_op_thread_count`` threads
+  (``OpenVinoModel``); everything below is the same for both engines.
 * ``execute`` validates every request on its own: a bad one (too many bytes, shape, dtype, NaN, out
   of range) gets a ``TritonError`` on its own response, the others are served. The size is checked
   first, from the tensors' byte counts alone (``max_request_bytes`` in ``contract.json``): Triton
   2.51's front ends take any body size, so this is where an oversized request stops. Requests
-  Triton batched together and with the same non-batch shapes run as ONE ONNX Runtime call: inputs
+  Triton batched together and with the same non-batch shapes run as ONE engine call: inputs
   concatenated along the batch axis, outputs split back.
 
 Validation uses ``posterrt.runtime.contracts.validate_inputs`` when posterrt (same contract
@@ -20,6 +24,8 @@ from ``contract.json`` with numpy alone, so the repository also runs in a stock 
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,11 @@ except ImportError:  # imported outside Triton (unit tests inject a stand-in)
     pb_utils = None
 
 CONTRACT_FILE = "contract.json"
+ONNX_FILE = "model.onnx"
+IR_FILE = "model.xml"  # an OpenVINO IR variant; OpenVINO reads model.bin beside it
+#: where posterrt's IR variants record the precision to run at (runtime/backends/openvino.py)
+IR_PRECISION_KEY = ["posterrt", "inference_precision"]
+IR_PRECISIONS = ("f32", "bf16")
 
 
 class RequestError(Exception):
@@ -97,7 +108,7 @@ def contract_validator(document: dict):
 
 
 def batch_groups(items: list[tuple[int, dict]]) -> list[list[tuple[int, dict]]]:
-    """Requests whose inputs agree on every non-batch axis, in arrival order: one ORT call each."""
+    """Requests whose inputs agree on every non-batch axis, in arrival order: one engine call each."""
     groups: dict[tuple, list] = {}
     for index, inputs in items:
         key = tuple((name, array.shape[1:]) for name, array in sorted(inputs.items()))
@@ -106,7 +117,7 @@ def batch_groups(items: list[tuple[int, dict]]) -> list[list[tuple[int, dict]]]:
 
 
 def run_batched(session, output_names: list[str], group: list[tuple[int, dict]]) -> list[dict]:
-    """One ONNX Runtime call for the whole group; each request gets its slice of every output."""
+    """One engine call (ONNX Runtime or OpenVINO) for the whole group; each request gets its slice of every output."""
     if len(group) == 1:
         return [dict(zip(output_names, session.run(output_names, group[0][1])))]
     names = list(group[0][1])
@@ -140,18 +151,81 @@ def session_options(parameters: dict[str, str]):
     return options
 
 
+def import_openvino():
+    """``import openvino`` with its usage telemetry off: the lines of
+    ``posterrt.runtime.backends.openvino.import_openvino`` (read the reason there), repeated because
+    this file must run without posterrt. openvino's converter reports to Intel's telemetry service
+    unless ``openvino_telemetry`` cannot be imported; nothing may reach off the machine."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: that import fails
+    try:
+        import openvino
+    except ImportError:
+        raise ImportError(f"{IR_FILE} is an OpenVINO IR and the `openvino` package is not installed in the Python of "
+                          f"Triton's Python-backend stub; install it there (pip install openvino)") from None
+    return openvino
+
+
+def ir_precision(model) -> str:
+    """The precision the IR says to run at; f32 when it says nothing (OpenVINO's own default on a
+    bf16-capable CPU would be bf16)."""
+    if not model.has_rt_info(IR_PRECISION_KEY):
+        return "f32"
+    precision = model.get_rt_info(IR_PRECISION_KEY).astype(str)
+    if precision not in IR_PRECISIONS:
+        raise ValueError(f"{IR_FILE}: rt_info {'/'.join(IR_PRECISION_KEY)} is {precision!r}, expected one of {IR_PRECISIONS}")
+    return precision
+
+
+class OpenVinoModel:
+    """An IR compiled for the CPU, with ONNX Runtime's ``run(output_names, feeds)`` so that
+    ``run_batched`` drives either engine.
+
+    The same settings as posterrt's ``OpenVinoSession`` (LATENCY hint, the IR's precision), plus:
+    ``threads`` from ``intra_op_thread_count``, and no CPU pinning: every model instance is its own
+    stub process, and OpenVINO's pinning (on by default on Linux) binds each process's workers to
+    cores chosen without regard to the others (measured, OpenVINO 2026.4 on 2 cores: two processes
+    with 2 threads each both pinned their worker to core 1). One infer request per calling thread
+    (Triton calls ``execute`` of an instance from one thread, so in practice one per instance)."""
+
+    def __init__(self, path: Path, threads: int):
+        ov = import_openvino()
+        core = ov.Core()
+        model = core.read_model(str(path))
+        self.precision = ir_precision(model)
+        self.compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False})
+        self._local = threading.local()
+
+    def run(self, output_names: list[str], feeds: dict) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        results = request.infer(dict(feeds))
+        by_name = {key.get_any_name(): value for key, value in results.items()}
+        # the request reuses its output buffers on the next call: hand out copies
+        return [np.array(by_name[name], copy=True) for name in output_names]
+
+
+def open_model(folder: Path, parameters: dict[str, str]):
+    """The engine for the version folder: OpenVINO for ``model.xml``, else ONNX Runtime for ``model.onnx``."""
+    if (folder / IR_FILE).is_file():
+        return OpenVinoModel(folder / IR_FILE, int(parameters.get("intra_op_thread_count", 1)))
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(folder / ONNX_FILE), session_options(parameters), providers=["CPUExecutionProvider"])
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
         self.document = json.loads((folder / CONTRACT_FILE).read_text())
         self.input_names = [spec["name"] for spec in self.document["inputs"]]
         self.output_names = [spec["name"] for spec in self.document["outputs"]]
         self.validate = contract_validator(self.document)
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(config_parameters(config)),
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_model(folder, config_parameters(config))
 
     def execute(self, requests):
         responses = [None] * len(requests)

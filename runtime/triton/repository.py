@@ -3,7 +3,11 @@
 Flavors (``model_config.FLAVORS``):
 
 * ``cpu``: ``backend: "python"``; ``1/`` holds ``model.onnx``, the generic ``model.py`` and
-  ``contract.json``. Runs with the ``tritonserver`` of the nvidia-pytriton wheel.
+  ``contract.json``. Runs with the ``tritonserver`` of the nvidia-pytriton wheel. ``variants``
+  (``--variants bg_unet=openvino-bf16``) serves a model's optimized variant from
+  ``posterrt engines optimize`` instead of the export: an ONNX variant as ``model.onnx``, an
+  OpenVINO IR as ``model.xml`` + ``model.bin`` (OpenVINO reads the ``.bin`` of the same stem, so
+  the pair is renamed together); ``contract.json``, the config's parameters and the report name it.
 * ``gpu-onnx``: ``platform: "onnxruntime_onnx"``; ``1/model.onnx`` (plus external data), TensorRT
   or CUDA execution accelerator.
 * ``gpu-trt``: ``platform: "tensorrt_plan"``; ``1/model.plan`` taken from ``--engines``.
@@ -22,7 +26,9 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
+from ..backends.openvino import is_openvino_ir
 from ..bundle import MANIFEST, Bundle, confined_path, sha256_file
 from ..contracts import CONTRACT_VERSION, ModelContract, dim_range, is_dynamic
 from ..errors import BundleError, InputError
@@ -34,6 +40,15 @@ SAMPLING_LOOP_TEMPLATE = Path(__file__).with_name("sampling_loop.py")
 CONTRACT_FILE = "contract.json"
 VERSION = "1"
 ENGINES_MANIFEST = "manifest.json"  # written by `posterrt engines build` beside the plans
+ONNX_FILE = "model.onnx"
+#: An OpenVINO IR variant: model.py (which has its own copy of these names: it cannot import
+#: posterrt) runs it with OpenVINO when the version folder holds IR_FILE.
+IR_FILE, IR_WEIGHTS = "model.xml", "model.bin"
+#: Config parameters naming the variant a model serves (absent: the exported fp32 ONNX). The
+#: ``posterrt_onnx_sha256`` parameter stays the export's hash: the variant was made from it
+#: (Bundle.model_path refuses a stale one), so a client holding the bundle still matches.
+VARIANT_PARAMETER = "posterrt_variant"
+VARIANT_SHA256_PARAMETER = "posterrt_variant_sha256"
 
 
 @dataclass
@@ -42,6 +57,7 @@ class ModelReport:
     folder: Path
     ready: bool  # False when a gpu-trt plan is missing
     note: str = ""
+    variant: dict | None = None  # the optimized variant served instead of the export (variant_record)
 
 
 @dataclass
@@ -51,6 +67,8 @@ class RepositoryReport:
     models: list[ModelReport] = field(default_factory=list)
     #: serving-only models that drive a bundle model in the server (``plannet_sampler``)
     server_loops: list[ModelReport] = field(default_factory=list)
+    #: what the build decided on the user's behalf (a server loop left out, ...)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def missing_plans(self) -> list[str]:
@@ -105,10 +123,46 @@ def engine_record(engines: Path, model: str) -> dict:
     return manifest.get("engines", {}).get(model, {}) if isinstance(manifest, dict) else {}
 
 
-def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOptions, engines: Path | None) -> ModelReport:
+def variant_record(bundle: Bundle, model: str, variant: str) -> dict:
+    """What the repository records about a served variant: its name and files as the bundle
+    manifest lists them, their hashes, the hash of the export it was made from, the engine."""
+    entry = bundle.variants(model)[variant]
+    return {"name": variant, "file": entry["file"], "sha256": entry["sha256"],
+            "data_sha256": dict(entry.get("data_sha256", {})), "source_sha256": entry["source_sha256"],
+            "engine": "openvino" if is_openvino_ir(entry["file"]) else "onnxruntime"}
+
+
+def _variant_parameters(served: dict | None) -> dict:
+    return {VARIANT_PARAMETER: served["name"], VARIANT_SHA256_PARAMETER: served["sha256"]} if served else {}
+
+
+def _link_model_files(bundle: Bundle, name: str, variant: str | None, version: Path, served_as: str = ONNX_FILE) -> None:
+    """Link the export (or ``variant``) of ``name`` into ``version``, through ``Bundle.model_path``
+    so the manifest hashes (and a variant's source) are checked before anything is served.
+
+    An ONNX file refers to its external data by the data file's name: those keep their names. An
+    IR's ``.xml`` names no weights file: OpenVINO reads the ``.bin`` with the same stem, so it is
+    renamed with the ``.xml`` (checked with OpenVINO 2026.4's reader)."""
+    path = bundle.model_path(name, variant=variant)
+    if variant is None:
+        data_files = bundle.models[name].data_files
+    else:
+        data_files = bundle.variants(name)[variant].get("data_files", [])
+    ir = is_openvino_ir(path)
+    _link_or_copy(path, version / (IR_FILE if ir else served_as))
+    for data_file in data_files:
+        source = confined_path(bundle.root, data_file, f"bundle model {name!r}")
+        weights = ir and source.name == path.with_suffix(".bin").name
+        _link_or_copy(source, version / (IR_WEIGHTS if weights else source.name))
+
+
+def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOptions, engines: Path | None,
+                 variant: str | None = None) -> ModelReport:
     entry = bundle.models[name]
     contract = bundle.contract(name)
     parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION}
+    served = variant_record(bundle, name, variant) if variant else None
+    parameters.update(_variant_parameters(served))
     record = engine_record(engines, name) if options.flavor == "gpu-trt" and engines else {}
     # a plan only accepts the batch sizes of its profile; Triton refuses a config that promises more
     engine_batch = record.get("ranges", {}).get(contract.batch_dim, {}).get("max")
@@ -117,17 +171,14 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(config))
     if options.flavor in ("cpu", "gpu-onnx"):
-        onnx_path = bundle.model_path(name)  # checks the manifest hash before serving the file
-        _link_or_copy(onnx_path, version / "model.onnx")
-        # external data keeps its file name: model.onnx refers to it by that name
-        for data_file in entry.data_files:
-            source = confined_path(bundle.root, data_file, f"bundle model {name!r}")
-            _link_or_copy(source, version / source.name)
+        _link_model_files(bundle, name, variant, version)
         if options.flavor == "cpu":
             shutil.copyfile(MODEL_TEMPLATE, version / "model.py")
             document = contract_document(contract, entry.static_dims, options.max_request_bytes)
+            ir = served is not None and served["engine"] == "openvino"
+            document.update(model_file=IR_FILE if ir else ONNX_FILE, variant=served)
             (version / CONTRACT_FILE).write_text(json.dumps(document, indent=2))
-        return ModelReport(name, folder, True)
+        return ModelReport(name, folder, True, variant=served)
     if record.get("plan"):  # the engines manifest names the file; otherwise look for the usual names
         plan = confined_path(engines, record["plan"], f"engine of {name!r}")
         plan = plan if plan.is_file() else None
@@ -151,13 +202,17 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
     return ModelReport(name, folder, True)
 
 
-def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions) -> ModelReport:
-    """``plannet_sampler``: runtime/triton/sampling_loop.py with its own link to the denoiser's ONNX."""
+def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions, variant: str | None = None) -> ModelReport:
+    """``plannet_sampler``: runtime/triton/sampling_loop.py with its own link to the denoiser's ONNX
+    (the ONNX ``variant`` of the denoiser when one is served: the loop must run what
+    ``plannet_denoiser`` serves)."""
     from . import sampling_loop
 
     entry = bundle.models[sampling_loop.DENOISER]
     contract = sampling_loop.PLANNET_SAMPLER.resolve(entry.static_dims)
     parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION}
+    served = variant_record(bundle, sampling_loop.DENOISER, variant) if variant else None
+    parameters.update(_variant_parameters(served))
     # "in-process" unless the options' extra parameters choose "bls" (kept for the benchmark)
     parameters[sampling_loop.DENOISER_CALL_PARAMETER] = options.extra_parameters.get(
         sampling_loop.DENOISER_CALL_PARAMETER, "in-process")
@@ -165,10 +220,10 @@ def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions) 
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, options, parameters)))
     shutil.copyfile(SAMPLING_LOOP_TEMPLATE, version / "model.py")
-    _link_or_copy(bundle.model_path(sampling_loop.DENOISER), version / sampling_loop.DENOISER_FILE)
+    _link_model_files(bundle, sampling_loop.DENOISER, variant, version, served_as=sampling_loop.DENOISER_FILE)
     settings = {"plannet": bundle.config.get("plannet", {}), "static_dims": entry.static_dims}
     (version / sampling_loop.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-    return ModelReport(sampling_loop.MODEL_NAME, folder, True)
+    return ModelReport(sampling_loop.MODEL_NAME, folder, True, variant=served)
 
 
 def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
@@ -203,12 +258,17 @@ def _swap_in(root: Path, name: str, write) -> ModelReport:
 
 
 def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike, options: ServingOptions | None = None,
-                     models: list[str] | None = None, engines: str | os.PathLike | None = None) -> RepositoryReport:
+                     models: list[str] | None = None, engines: str | os.PathLike | None = None,
+                     variants: Mapping[str, str] | None = None) -> RepositoryReport:
     """Write (or replace) the folders of ``models`` (default: every model of the bundle) under ``out``.
 
-    Each model is staged beside its final folder and swapped in whole, so a server polling the
-    repository never sees half a model. Other folders under ``out`` are left alone.
+    ``variants`` (``{model: variant}``, cpu flavor): serve those optimized variants of the bundle
+    instead of the exported files; all are checked (known, made from this export) before anything
+    is written. Each model is staged beside its final folder and swapped in whole, so a server
+    polling the repository never sees half a model. Other folders under ``out`` are left alone.
     """
+    from .sampling_loop import DENOISER
+
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     options = options or ServingOptions()
     loops = server_loops_for(bundle, options, models)
@@ -216,17 +276,49 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     if not names and not loops:
         raise BundleError(f"bundle {bundle.root} has no models to serve")
     bundle.require(names)
+    variants = dict(variants or {})
+    _check_variants(bundle, options, names + ([DENOISER] if loops else []), variants)
+    notes = []
+    if loops and _is_openvino(bundle, DENOISER, variants.get(DENOISER)):
+        # the loop runs the denoiser with ONNX Runtime in its stub (sampling_loop.py): it follows an
+        # ONNX variant, not an OpenVINO IR; without it, clients call the served denoiser per step
+        reason = f"{loops[0]} runs {DENOISER} with ONNX Runtime, not its OpenVINO variant {variants[DENOISER]!r}"
+        if models is not None:
+            raise InputError(f"--variants: {reason}; leave {loops[0]} out of --models")
+        notes.append(f"{loops[0]} not written: {reason}; clients call the served {DENOISER} once per step")
+        loops = []
     engines = Path(engines) if engines else None
     if engines is not None and not engines.is_dir():
         raise InputError(f"--engines: folder {engines} does not exist; build engines with `posterrt engines build`")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    report = RepositoryReport(root, options.flavor)
+    report = RepositoryReport(root, options.flavor, notes=notes)
     for name in names:
-        report.models.append(_swap_in(root, name, lambda staging: _write_model(bundle, name, staging, options, engines)))
+        report.models.append(_swap_in(root, name, lambda staging: _write_model(
+            bundle, name, staging, options, engines, variants.get(name))))
     for name in loops:
-        report.server_loops.append(_swap_in(root, name, lambda staging: _write_sampling_loop(bundle, staging, options)))
+        report.server_loops.append(_swap_in(root, name, lambda staging: _write_sampling_loop(
+            bundle, staging, options, variants.get(DENOISER))))
     return report
+
+
+def _check_variants(bundle: Bundle, options: ServingOptions, served: list[str], variants: dict[str, str]) -> None:
+    """Refuse variants that cannot be served as asked, before anything is written."""
+    if not variants:
+        return
+    if options.flavor != "cpu":
+        raise InputError(f"--variants: optimized variants are served by the cpu flavor only (ONNX Runtime or "
+                         f"OpenVINO in the Python backend), got --flavor {options.flavor}")
+    not_built = [model for model in variants if model not in served]
+    if not_built:
+        raise InputError(f"--variants: {not_built} are not among the models this build writes "
+                         f"({', '.join(served)}); add them to --models")
+    for model, variant in variants.items():
+        bundle.model_path(model, verify=False, variant=variant)  # unknown or stale variants fail here
+
+
+def _is_openvino(bundle: Bundle, model: str, variant: str | None) -> bool:
+    return variant is not None and is_openvino_ir(bundle.variants(model)[variant]["file"])
 
 
 def write_client_bundle(bundle: Bundle | str | os.PathLike, out: str | os.PathLike) -> Path:
