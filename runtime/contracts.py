@@ -404,24 +404,30 @@ def parse_model_list(text: str | None, flag: str = "--models") -> list[str]:
     return [n for n in MODEL_NAMES if n in names]
 
 
-def parse_variant_list(text: str | None, flag: str = "--variants") -> dict[str, str]:
-    """``"bg_unet=openvino-bf16,render_unet=int8"`` -> ``{model: variant}``; empty/None means none.
-    The variants themselves are checked against the bundle when a backend loads them."""
+def parse_model_values(text: str | None, flag: str, value_name: str, example: str) -> dict[str, str]:
+    """``"bg_unet=x,render_unet=y"`` -> ``{model: value}`` (strings); empty/None means none.
+    Models must be served models, each given once."""
     from .errors import InputError
 
-    variants: dict[str, str] = {}
+    values: dict[str, str] = {}
     for item in (text or "").split(","):
         if not item.strip():
             continue
-        model, _, variant = (part.strip() for part in item.partition("="))
-        if not variant:
-            raise InputError(f"{flag}: got {item.strip()!r}, expected MODEL=VARIANT (e.g. bg_unet=openvino-bf16)")
+        model, _, value = (part.strip() for part in item.partition("="))
+        if not value:
+            raise InputError(f"{flag}: got {item.strip()!r}, expected MODEL={value_name} (e.g. {example})")
         if model not in CONTRACTS:
             raise InputError(f"{flag}: unknown model {model!r}; expected names from {', '.join(MODEL_NAMES)}")
-        if model in variants and variants[model] != variant:
-            raise InputError(f"{flag}: model {model!r} is given two variants ({variants[model]!r}, {variant!r})")
-        variants[model] = variant
-    return variants
+        if model in values and values[model] != value:
+            raise InputError(f"{flag}: model {model!r} is given twice ({values[model]!r}, {value!r})")
+        values[model] = value
+    return values
+
+
+def parse_variant_list(text: str | None, flag: str = "--variants") -> dict[str, str]:
+    """``"bg_unet=openvino-bf16,render_unet=int8"`` -> ``{model: variant}``. The variants themselves
+    are checked against the bundle when a backend loads them."""
+    return parse_model_values(text, flag, "VARIANT", "bg_unet=openvino-bf16")
 
 
 def validate_inputs(contract: ModelContract, inputs: Mapping[str, np.ndarray], check_finite: bool = True) -> dict[str, int]:

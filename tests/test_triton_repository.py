@@ -93,6 +93,21 @@ def test_cpu_flavor_is_the_python_backend_with_thread_parameters():
     assert parameters == {"intra_op_thread_count": "2", "inter_op_thread_count": "1", "posterrt_onnx_sha256": "abc"}
 
 
+def test_instance_counts_per_model():
+    """radm_head (cost linear in the batch) gets a second instance on the cpu flavor by default;
+    --instances sets every model, --model-instances one model over it."""
+    def count(name, **options):
+        (group,) = parsed(resolved(name), mc.ServingOptions(**options)).instance_group
+        return group.count
+
+    assert count("radm_head") == 2 and count("plannet_denoiser") == 1 and count("bg_unet") == 1
+    assert count("radm_head", flavor="gpu-onnx") == 1
+    assert count("radm_head", instances=1) == 1 and count("bg_unet", instances=3) == 3
+    assert count("bg_unet", instances=3, model_instances={"bg_unet": 1}) == 1
+    with pytest.raises(InputError, match="--model-instances: counts must be integers >= 1"):
+        mc.ServingOptions(model_instances={"radm_head": 0})
+
+
 def test_gpu_onnx_flavor_uses_tensorrt_with_contract_profiles():
     contract = resolved("bg_unet")
     config = parsed(contract, mc.ServingOptions(flavor="gpu-onnx", instances=2))
@@ -245,6 +260,14 @@ def test_repo_build_command(small_bundle, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["plannet_denoiser"]
     assert read_config(out / "plannet_denoiser").dynamic_batching.max_queue_delay_microseconds == 123
     assert (tmp_path / "client" / "manifest.json").is_file()
+    code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--models", "plannet_denoiser",
+                     "--model-instances", "plannet_denoiser=3"])
+    assert code == 0, capsys.readouterr().err
+    assert read_config(out / "plannet_denoiser").instance_group[0].count == 3
+    for bad, words in (("plannet_denoiser=two", "expected a whole number >= 1"), ("plannet_denoiser", "MODEL=N"),
+                       ("nope=2", "unknown model 'nope'")):
+        code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--model-instances", bad])
+        assert code == 2 and words in capsys.readouterr().err
     code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--models", "bg_unet"])
     assert code == 2 and "--models: ['bg_unet'] are not in bundle" in capsys.readouterr().err
     code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--flavor", "gpu-trt"])

@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="force dynamic batching off for every model")
     build.add_argument("--queue-delay-us", type=int, help="max_queue_delay_microseconds (default: 0)")
     build.add_argument("--preferred-batch-sizes", type=_int_list, default=(), help="e.g. 2,4 (default: none)")
-    build.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
+    build.add_argument("--instances", type=int, default=None,
+                       help="instances of every model (default: 1, and 2 for radm_head on the cpu flavor)")
+    build.add_argument("--model-instances", default=None, metavar="MODEL=N,...",
+                       help="per-model instance counts over --instances, e.g. radm_head=2,bg_unet=1")
     build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime (or OpenVINO) threads per instance (default 1)")
     build.add_argument("--inter-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime inter-op threads (default 1)")
     build.add_argument("--accelerator", choices=GPU_ACCELERATORS, default="tensorrt",
@@ -54,6 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="cpu flavor: refuse requests whose tensors exceed this many MB (default: the largest "
                             "request the model's contract allows)")
     build.add_argument("--client-bundle", help="also write the client's half of the bundle (manifest + tokenizers) here")
+
+
+def _model_counts(text: str | None) -> dict[str, int]:
+    """``radm_head=2,bg_unet=1`` -> {model: count}."""
+    from ..contracts import parse_model_values
+
+    counts = {}
+    for model, value in parse_model_values(text, "--model-instances", "N", "radm_head=2").items():
+        if not value.isdigit() or int(value) < 1:
+            raise InputError(f"--model-instances: {model}={value!r}, expected a whole number >= 1")
+        counts[model] = int(value)
+    return counts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     options = ServingOptions(
         flavor=args.flavor, dynamic_batching=args.dynamic_batching, max_queue_delay_us=args.queue_delay_us,
         preferred_batch_sizes=args.preferred_batch_sizes, instances=args.instances,
+        model_instances=_model_counts(args.model_instances),
         intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
         gpu_accelerator=args.accelerator, trt_precision=args.precision,
         max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6))

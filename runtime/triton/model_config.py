@@ -106,6 +106,16 @@ def default_batching(contract: ModelContract) -> BatchingPolicy:
     return BatchingPolicy(True, 0)
 
 
+#: cpu flavor: models served by two instances by default. One instance runs one batch at a time on
+#: ``intra_op_threads`` (1) cores; for a model whose cost is linear in the batch, batching alone
+#: then adds no throughput, a second instance lets a second batch use the second core. radm_head
+#: is that model (100 RoI proposals per image, each pooled and run through the head: 16 ms of CPU
+#: per request at batch 1 and at batch 4, benchmarks/RESULTS.md). Not the other step models:
+#: plannet_denoiser is per-call overhead bound (batching amortizes it; a second instance measured
+#: 9% slower) and the UNets are too large to hold twice (3.5 and 4.9 GB at paper size).
+DEFAULT_CPU_INSTANCES = {"radm_head": 2}
+
+
 @dataclass
 class ServingOptions:
     """Everything ``posterrt repo build`` lets a user choose, with the defaults it documents."""
@@ -115,7 +125,11 @@ class ServingOptions:
     dynamic_batching: bool | None = None
     max_queue_delay_us: int | None = None  # overrides the per-role delay
     preferred_batch_sizes: tuple[int, ...] = ()
-    instances: int = 1
+    #: instances of every model; None: per-model defaults (:data:`DEFAULT_CPU_INSTANCES` on the
+    #: cpu flavor, 1 elsewhere)
+    instances: int | None = None
+    #: per-model instance counts, over ``instances`` (``--model-instances radm_head=2``)
+    model_instances: dict = field(default_factory=dict)
     #: ONNX Runtime threads per model instance on the cpu flavor. 1: Triton already runs the
     #: models' instances side by side (one stub process each); more threads per model would
     #: oversubscribe a small machine as soon as two models are busy.
@@ -145,12 +159,23 @@ class ServingOptions:
         if self.trt_precision not in TRT_PRECISIONS:
             raise InputError(f"--precision: {self.trt_precision!r} is not one of {', '.join(TRT_PRECISIONS)}")
         for name in ("instances", "intra_op_threads", "inter_op_threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        bad = {model: count for model, count in self.model_instances.items()
+               if not isinstance(count, int) or isinstance(count, bool) or count < 1}
+        if bad:
+            raise InputError(f"--model-instances: counts must be integers >= 1, got {bad}")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise InputError(f"--queue-delay-us: must be >= 0, got {self.max_queue_delay_us}")
         if self.max_request_bytes is not None and self.max_request_bytes < 1:
             raise InputError(f"--max-request-mb: must be > 0, got {self.max_request_bytes / 1e6:g} MB")
+
+    def instance_count(self, contract: ModelContract) -> int:
+        if contract.name in self.model_instances:
+            return self.model_instances[contract.name]
+        if self.instances is not None:
+            return self.instances
+        return DEFAULT_CPU_INSTANCES.get(contract.name, 1) if self.flavor == "cpu" else 1
 
     def batching(self, contract: ModelContract, limit: int) -> BatchingPolicy:
         policy = default_batching(contract)
@@ -182,7 +207,7 @@ def build_model_config(contract: ModelContract, options: ServingOptions, paramet
 
     gpu = options.flavor != "cpu"
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU,
-                              count=options.instances)
+                              count=options.instance_count(contract))
     params = dict(options.extra_parameters)
     if options.flavor == "cpu":
         config.backend = "python"
