@@ -14,7 +14,7 @@ from ..backends.base import Backend
 from ..errors import InputError
 from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
-from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
+from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, run_side_by_side, stage_rng, to_chw
 from .request import PosterRequest, PosterResult
 from .stages import Stages
 
@@ -41,9 +41,9 @@ class BackgroundPipeline:
         guidance, rng = request.guidance, stage_rng(request.seed, "background")
         steps = request.steps or default_steps(self.backend.bundle.preset, self.config)
         # -- prologue: once per request --------------------------------------------------------
-        prompt = self.prompt_encoder(request.category)
-        style_embeds, ip_scale = self.encode_style(request.style)
-        masked_image_latents, paint_mask = self.encode_product(canvas, product_mask)
+        (masked_image_latents, paint_mask), prompt, (style_embeds, ip_scale) = run_side_by_side(
+            lambda: self.encode_product(canvas, product_mask), lambda: self.prompt_encoder(request.category),
+            lambda: self.encode_style(request.style))
         step_invariant = batch_for_guidance(
             guidance,
             paired={**prompt, "image_prompt_embeds": (np.zeros_like(style_embeds), style_embeds)},

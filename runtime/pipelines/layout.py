@@ -6,8 +6,6 @@ top-k, class-wise NMS and the score threshold (inside the sampler), then class n
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from tqdm import tqdm
 
@@ -16,16 +14,12 @@ from ..compose import assign_texts, compose_poster
 from ..images import fit_to_canvas, flatten
 from ..schedulers.radm import RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
-from .diffusion import family_config, stage_rng, to_chw
+from .diffusion import family_config, run_side_by_side, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest, PosterResult
 from .stages import Stages
 
 MODELS = ("radm_backbone", "radm_text_encoder", "radm_head")
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
-#: The text encoder runs while the backbone runs: the two calls are independent, and against a
-#: Triton server each costs a round trip (~1.5 ms on 127.0.0.1) that need not add up. Shared by all
-#: requests of the process (a few threads: the calls themselves release the GIL).
-_TEXT_ENCODING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="radm-texts")
 
 
 class RADMLayout:
@@ -45,9 +39,9 @@ class RADMLayout:
         """Layout of ``image`` (RGB uint8 HxWx3, H and W multiples of 64) for ``texts``."""
         height, width = image.shape[:2]
         # -- prologue: once per request --------------------------------------------------------
-        texts_encoded = _TEXT_ENCODING.submit(self.encode_texts, texts)
-        features = self.backend.run("radm_backbone", {"image": to_chw(image, 0.0, 255.0)})
-        text_features, text_mask = texts_encoded.result()
+        features, (text_features, text_mask) = run_side_by_side(  # independent calls: overlapped
+            lambda: self.backend.run("radm_backbone", {"image": to_chw(image, 0.0, 255.0)}),
+            lambda: self.encode_texts(texts))
         step_invariant = {**{level: features[level] for level in FPN_LEVELS},
                           "text_features": text_features, "text_mask": text_mask,
                           "image_size": np.array([[height, width]], dtype=np.float32)}
