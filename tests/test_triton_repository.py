@@ -108,6 +108,17 @@ def test_instance_counts_per_model():
         mc.ServingOptions(model_instances={"radm_head": 0})
 
 
+def test_thread_counts_per_model():
+    def threads(name, **options):
+        config = parsed(resolved(name), mc.ServingOptions(**options))
+        return config.parameters["intra_op_thread_count"].string_value
+
+    assert threads("bg_unet") == "1" and threads("bg_unet", intra_op_threads=2) == "2"
+    assert threads("bg_unet", model_threads={"bg_unet": 2}) == "2" and threads("plannet_denoiser", model_threads={"bg_unet": 2}) == "1"
+    with pytest.raises(InputError, match="--model-threads: counts must be integers >= 1"):
+        mc.ServingOptions(model_threads={"bg_unet": 0})
+
+
 def test_gpu_onnx_flavor_uses_tensorrt_with_contract_profiles():
     contract = resolved("bg_unet")
     config = parsed(contract, mc.ServingOptions(flavor="gpu-onnx", instances=2))
@@ -264,10 +275,12 @@ def test_repo_build_command(small_bundle, tmp_path, capsys):
                      "--model-instances", "plannet_denoiser=3"])
     assert code == 0, capsys.readouterr().err
     assert read_config(out / "plannet_denoiser").instance_group[0].count == 3
-    for bad, words in (("plannet_denoiser=two", "expected a whole number >= 1"), ("plannet_denoiser", "MODEL=N"),
-                       ("nope=2", "unknown model 'nope'")):
-        code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--model-instances", bad])
-        assert code == 2 and words in capsys.readouterr().err
+    for flag in ("--model-instances", "--model-threads"):
+        for bad, words in (("plannet_denoiser=two", "expected a whole number >= 1"), ("plannet_denoiser", "MODEL=N"),
+                           ("nope=2", "unknown model 'nope'")):
+            code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), flag, bad])
+            err = capsys.readouterr().err
+            assert code == 2 and words in err and flag in err
     code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--models", "bg_unet"])
     assert code == 2 and "--models: ['bg_unet'] are not in bundle" in capsys.readouterr().err
     code = cli.main(["repo", "build", "--bundle", str(small_bundle), "--out", str(out), "--flavor", "gpu-trt"])

@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--model-instances", default=None, metavar="MODEL=N,...",
                        help="per-model instance counts over --instances, e.g. radm_head=2,bg_unet=1")
     build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime (or OpenVINO) threads per instance (default 1)")
+    build.add_argument("--model-threads", default=None, metavar="MODEL=N,...",
+                       help="cpu flavor: per-model threads over --intra-op-threads, e.g. bg_unet=2,radm_head=2")
     build.add_argument("--inter-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime inter-op threads (default 1)")
     build.add_argument("--accelerator", choices=GPU_ACCELERATORS, default="tensorrt",
                        help="gpu-onnx: TensorRT execution provider (default) or CUDA only")
@@ -59,14 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--client-bundle", help="also write the client's half of the bundle (manifest + tokenizers) here")
 
 
-def _model_counts(text: str | None) -> dict[str, int]:
+def _model_counts(text: str | None, flag: str) -> dict[str, int]:
     """``radm_head=2,bg_unet=1`` -> {model: count}."""
     from ..contracts import parse_model_values
 
     counts = {}
-    for model, value in parse_model_values(text, "--model-instances", "N", "radm_head=2").items():
+    for model, value in parse_model_values(text, flag, "N", "radm_head=2").items():
         if not value.isdigit() or int(value) < 1:
-            raise InputError(f"--model-instances: {model}={value!r}, expected a whole number >= 1")
+            raise InputError(f"{flag}: {model}={value!r}, expected a whole number >= 1")
         counts[model] = int(value)
     return counts
 
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     options = ServingOptions(
         flavor=args.flavor, dynamic_batching=args.dynamic_batching, max_queue_delay_us=args.queue_delay_us,
         preferred_batch_sizes=args.preferred_batch_sizes, instances=args.instances,
-        model_instances=_model_counts(args.model_instances),
+        model_instances=_model_counts(args.model_instances, "--model-instances"),
+        model_threads=_model_counts(args.model_threads, "--model-threads"),
         intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
         gpu_accelerator=args.accelerator, trt_precision=args.precision,
         max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6))

@@ -135,6 +135,10 @@ class ServingOptions:
     #: oversubscribe a small machine as soon as two models are busy.
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    #: cpu flavor: per-model intra-op thread counts over ``intra_op_threads``
+    #: (``--model-threads bg_unet=2``: the UNets and radm_head gain from a second core per call,
+    #: sub-millisecond models lose, benchmarks/RESULTS.md)
+    model_threads: dict = field(default_factory=dict)
     #: cpu flavor: let idle ONNX Runtime pool threads spin (off: they would burn cores the other
     #: models' stubs need; on only pays with intra_op_threads > 1 on an otherwise idle machine)
     allow_spinning: bool = False
@@ -161,10 +165,11 @@ class ServingOptions:
         for name in ("instances", "intra_op_threads", "inter_op_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        bad = {model: count for model, count in self.model_instances.items()
-               if not isinstance(count, int) or isinstance(count, bool) or count < 1}
-        if bad:
-            raise InputError(f"--model-instances: counts must be integers >= 1, got {bad}")
+        for flag, counts in (("--model-instances", self.model_instances), ("--model-threads", self.model_threads)):
+            bad = {model: count for model, count in counts.items()
+                   if not isinstance(count, int) or isinstance(count, bool) or count < 1}
+            if bad:
+                raise InputError(f"{flag}: counts must be integers >= 1, got {bad}")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise InputError(f"--queue-delay-us: must be >= 0, got {self.max_queue_delay_us}")
         if self.max_request_bytes is not None and self.max_request_bytes < 1:
@@ -212,7 +217,7 @@ def build_model_config(contract: ModelContract, options: ServingOptions, paramet
     if options.flavor == "cpu":
         config.backend = "python"
         # same keys as Triton's ONNX Runtime backend, read by our generic model.py
-        params.update(intra_op_thread_count=str(options.intra_op_threads),
+        params.update(intra_op_thread_count=str(options.model_threads.get(contract.name, options.intra_op_threads)),
                       inter_op_thread_count=str(options.inter_op_threads))
         if options.allow_spinning:  # model.py's default is off
             params["allow_spinning"] = "1"
