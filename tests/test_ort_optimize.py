@@ -48,6 +48,10 @@ def int8_graph(bundle_dir, tmp_path_factory):
     return target, report
 
 
+def _weight_bytes(graph) -> int:
+    return sum(len(tensor.raw_data) for tensor in graph.initializer)
+
+
 def _session(path):
     import onnxruntime as ort
 
@@ -117,14 +121,45 @@ def test_int8_is_quantized_with_fp32_islands(bundle_dir, int8_graph):
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) > 10
-    # the attention score / value MatMuls (two activations) were not quantized
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    matmuls = {node.name: node for node in graph.node if node.op_type == "MatMul"}
     original = onnx.load(str(Bundle(bundle_dir).model_path(MODEL)))
     kept = ort_optimize.fp32_nodes(original)
-    assert kept["activation_matmul"] and kept["io_conv"]
-    names = {node.name for node in graph.node if node.op_type == "MatMul"}
-    assert set(kept["activation_matmul"]) <= names
-    assert report["fp32_nodes"]["activation_matmul"] == len(kept["activation_matmul"])
-    assert path.stat().st_size < 0.5 * Bundle(bundle_dir).model_path(MODEL).stat().st_size
+    scores = ort_optimize.attention_score_matmuls(original)
+    assert kept["attention_probabilities"] and kept["io_conv"]
+    # every attention has one score MatMul and one probabilities x values MatMul
+    assert len(scores) == len(kept["attention_probabilities"])
+    # probabilities x values (fed by the Softmax): fp32, no dequantized input
+    for name in kept["attention_probabilities"]:
+        assert "Softmax" in [producers.get(i) for i in matmuls[name].input]
+        assert "DequantizeLinear" not in [producers.get(i) for i in matmuls[name].input], name
+    # scores Q x K^T: both inputs quantized, the logits they write stay fp32 (no QuantizeLinear)
+    for name in scores:
+        assert [producers.get(i) for i in matmuls[name].input] == ["DequantizeLinear"] * 2, name
+        assert "QuantizeLinear" not in consumers[matmuls[name].output[0]], name
+    assert report["fp32_nodes"]["attention_probabilities"] == len(kept["attention_probabilities"])
+    assert report["attention_scores"] == {"quantized_inputs": len(scores), "fp32_outputs": len(scores)}
+    # the weights are stored in int8 (the file size would also count the graph's nodes, a large
+    # share of the tiny model, which the attention scores' QuantizeLinear nodes add to)
+    assert _weight_bytes(graph) < 0.5 * _weight_bytes(original.graph)
+
+
+def test_int8_attention_scores_run_on_integer_kernels(int8_graph, tmp_path):
+    """ONNX Runtime turns each quantized score MatMul (DQ inputs, fp32 output) into its integer GEMM
+    with an fp32 result, not into a dequantize-then-fp32 MatMul."""
+    import onnxruntime as ort
+
+    path, report = int8_graph
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("MatMulIntegerToFloat") >= report["attention_scores"]["fp32_outputs"] > 0
 
 
 def test_backend_runs_the_selected_variant(bundle_dir, int8_dynamic):
