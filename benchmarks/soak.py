@@ -245,13 +245,13 @@ def pipeline_models(config: SoakConfig, bundle) -> list[str]:
 
     used = set()
     with OrtBackend(bundle, intra_op_threads=1) as backend:
-        real_run = backend.run
+        real_run = backend._run  # every call, direct or through a bound per-step call (bind), ends here
 
-        def recording(model, inputs):
-            used.add(model)
-            return real_run(model, inputs)
+        def recording(contract, inputs):
+            used.add(contract.name)
+            return real_run(contract, inputs)
 
-        backend.run = recording
+        backend._run = recording
         build_pipeline(config.pipeline, backend, progress=False)(pipeline_requests(config)[0])
     return sorted(used)
 

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from posterrt.runtime.backends.base import Backend
 from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.backends.triton import TritonBackend
 from posterrt.runtime.bundle import MANIFEST, Bundle
@@ -119,20 +120,27 @@ def layout_request(seed=3):
                          layout_steps=12)
 
 
-class CountingBackend:
-    """Delegates to a backend; calls ``on_call(n)`` before the n-th model call goes out."""
+class CountingBackend(Backend):
+    """Delegates to a backend; calls ``on_call(n)`` before the n-th model call goes out. A Backend,
+    so the pipelines' bound per-step calls (``bind``) come through ``run`` and are counted too."""
 
     def __init__(self, backend, on_call):
+        super().__init__(backend.bundle)
         self.inner, self.on_call, self.calls = backend, on_call, 0
-        self.bundle = backend.bundle
+        self._lock = threading.Lock()
 
     def run(self, model, inputs):
-        self.calls += 1
-        self.on_call(self.calls)
+        with self._lock:  # prologue calls of one request may run side by side
+            self.calls += 1
+            call = self.calls
+        self.on_call(call)
         return self.inner.run(model, inputs)
 
     def contract(self, model):
         return self.inner.contract(model)
+
+    def _run(self, contract, inputs):  # run() is overridden; never reached
+        raise AssertionError("CountingBackend forwards run()")
 
 
 def run_layout(backend, request):
