@@ -148,6 +148,34 @@ def test_int8_is_quantized_with_fp32_islands(bundle_dir, int8_graph):
     assert _weight_bytes(graph) < 0.5 * _weight_bytes(original.graph)
 
 
+def test_split_concat_convs_is_exact_on_fresh_inputs(bundle_dir, tmp_path):
+    """A conv over concatenated channels == the sum of convs over the parts (fp32 rounding only)."""
+    source = Bundle(bundle_dir).model_path(MODEL)
+    model = onnx.load(str(source))
+    kept = ort_optimize.fp32_nodes(model)
+    candidates = set(kept["concat_input"]) - set(kept["io_conv"])
+    split = ort_optimize.split_concat_convs(model, candidates, source.parent)
+    assert split and set(split) <= candidates
+    names = {node.name for node in model.graph.node}
+    assert not set(split) & names and all(f"{name}/part0" in names and f"{name}/part1" in names for name in split)
+    onnx.save(model, str(tmp_path / "split.onnx"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    inputs = sample_inputs(Bundle(bundle_dir).contract(MODEL), default_sizes("other"), seed)
+    expected = _session(source).run(None, inputs)[0]
+    actual = _session(tmp_path / "split.onnx").run(None, inputs)[0]
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max(), f"seed {seed}"
+
+
+def test_int8_quantizes_the_split_concat_convs(int8_graph):
+    path, report = int8_graph
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    parts = [node for node in graph.node if node.op_type == "Conv" and "/part" in node.name]
+    assert report["split_concat_convs"] > 0 and len(parts) >= 2 * report["split_concat_convs"]
+    for node in parts:  # each part reads its own quantized activation and int8 weights
+        assert producers.get(node.input[0]) == "DequantizeLinear" and producers.get(node.input[1]) == "DequantizeLinear"
+
+
 def test_int8_attention_scores_run_on_integer_kernels(int8_graph, tmp_path):
     """ONNX Runtime turns each quantized score MatMul (DQ inputs, fp32 output) into its integer GEMM
     with an fp32 result, not into a dequantize-then-fp32 MatMul."""
