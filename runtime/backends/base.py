@@ -65,15 +65,22 @@ class Backend(ABC):
         shared = [(spec.name, axis, symbol, bound_sizes[symbol]) for spec in per_step.inputs
                   for axis, symbol in enumerate(spec.shape) if symbol in bound_sizes]
 
+        execute = self._bound_run(contract, fixed)
+
         def step(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             validate_inputs(per_step, inputs)
             for name, axis, symbol, size in shared:
                 if inputs[name].shape[axis] != size:
                     raise ContractError(f"model {model!r} input {name!r}: axis {axis} ({symbol}) is "
                                         f"{inputs[name].shape[axis]}, but the bound inputs have {symbol}={size}")
-            return self._run(contract, {**inputs, **fixed})
+            return execute(inputs)
 
         return step
+
+    def _bound_run(self, contract: ModelContract, fixed: dict[str, np.ndarray]) -> StepCall:
+        """Execute validated steps with ``fixed`` (validated, copied) bound. Backends that can keep
+        the bound inputs where the engine reads them (ONNX Runtime's IO binding) override this."""
+        return lambda inputs: self._run(contract, {**inputs, **fixed})
 
     @abstractmethod
     def _run(self, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
