@@ -61,3 +61,13 @@ def test_perf_inputs_follow_the_contracts(tiny_bundle, tmp_path):
             full = (1, *shape) if len(spec.shape) > 1 else (1,)
             arrays[spec.name] = np.array(entry[spec.name]["content"], dtype=spec.np_dtype).reshape(full)
         validate_inputs(contract, arrays)
+
+
+def test_bound_step_bench_times_run_and_bound_call(tiny_bundle, tmp_path):
+    from posterrt.benchmarks import bound_step
+
+    assert bound_step.main(["--bundle", str(tiny_bundle), "--model", "bg_unet", "--repeats", "1",
+                            "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bound_step-bg_unet.json").read_text())
+    assert set(result["timings"]) == {"run, all inputs", "bound step (IO binding)"}
+    assert all(stats["p50_ms"] > 0 for stats in result["timings"].values())
