@@ -239,21 +239,10 @@ def pipeline_workload(config: SoakConfig, bundle) -> tuple[list[str], list, Call
 
 
 def pipeline_models(config: SoakConfig, bundle) -> list[str]:
-    """The models the pipeline calls (the server must serve them), found by running it once."""
-    from posterrt.runtime.backends.onnxruntime import OrtBackend
-    from posterrt.runtime.pipelines import build_pipeline
+    """The models the pipeline calls (the server must serve them): each pipeline module's list."""
+    from posterrt.runtime.accuracy import pipeline_models as models_of
 
-    used = set()
-    with OrtBackend(bundle, intra_op_threads=1) as backend:
-        real_run = backend._run  # every call, direct or through a bound per-step call (bind), ends here
-
-        def recording(contract, inputs):
-            used.add(contract.name)
-            return real_run(contract, inputs)
-
-        backend._run = recording
-        build_pipeline(config.pipeline, backend, progress=False)(pipeline_requests(config)[0])
-    return sorted(used)
+    return sorted(models_of(config.pipeline))
 
 
 # ---------------------------------------------------------------------------------------------
