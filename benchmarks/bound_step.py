@@ -8,15 +8,15 @@ sessions there share the two cores' spinning thread pools, this measures the loo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.bundle import Bundle
 
 from .timing import interleaved
-from .unet_step import step_inputs
+from .unet_step import record, step_inputs
 
 STEP_INPUTS = ("sample", "timestep")
 
@@ -44,12 +44,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write bound_step-MODEL.json here")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     result = measure(args.bundle, args.model, args.variant, args.image_size, args.repeats, threads=args.threads)
     for name, stats in result["timings"].items():
         print(f"{args.model} {result['variant']:14s} {name:24s} p50 {stats['p50_ms']:8.1f} ms   min {stats['min_ms']:8.1f} ms")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"bound_step-{args.model}.json").write_text(json.dumps(result, indent=2))
+    record(result, "bound_step", args.model, argv, started, args.out)
     return 0
 
 

@@ -208,14 +208,20 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     result = measure(args.bundle, args.model, args.image_size, args.repeats, args.warmup, args.threads,
                      tuple(s for s in args.skip.split(",") if s))
-    result.update(command="python -m posterrt.benchmarks.unet_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+    print(table(result))
+    record(result, "unet_step", args.model, argv, started, args.out)
+    return 0
+
+
+def record(result: dict, bench: str, model: str, argv, started: float, out: Path | None) -> None:
+    """Add what reproduces ``result`` (command, date, machine, seconds) and write
+    ``OUT/<bench>-<model>.json`` when ``out`` is given."""
+    result.update(command=f"python -m posterrt.benchmarks.{bench} " + " ".join(argv if argv is not None else sys.argv[1:]),
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=describe(),
                   seconds=round(time.perf_counter() - started, 1))
-    print(table(result))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"unet_step-{args.model}.json").write_text(json.dumps(result, indent=2))
-    return 0
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{bench}-{model}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
