@@ -3,6 +3,7 @@ Markdown table and the plots. No timing assertions: figures belong in benchmarks
 import json
 
 import numpy as np
+import pytest
 
 from posterrt.benchmarks.flops import count_flops
 from posterrt.runtime.bundle import Bundle
@@ -71,3 +72,18 @@ def test_bound_step_bench_times_run_and_bound_call(tiny_bundle, tmp_path):
     result = json.loads((tmp_path / "bound_step-bg_unet.json").read_text())
     assert set(result["timings"]) == {"run, all inputs", "bound step (IO binding)"}
     assert all(stats["p50_ms"] > 0 for stats in result["timings"].values())
+
+
+def test_op_profile_sums_the_steps_kernels_per_op_type(tiny_bundle, tmp_path):
+    from posterrt.benchmarks import op_profile
+
+    assert op_profile.main(["--bundle", str(tiny_bundle), "--model", "render_unet", "--steps", "2",
+                            "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "op_profile-render_unet.json").read_text())
+    assert len(result["step_wall_ms"]) == 2 and result["variant"] == "export"
+    ops = {row["op"]: row for row in result["ops"]}
+    assert "Conv" in ops and ops["Conv"]["nodes_per_step"] > 0, "the UNet's convolutions are in the profile"
+    assert sum(row["share"] for row in result["ops"]) == pytest.approx(1.0)
+    # the kernels ran inside the timed runs: their sum cannot exceed the runs' wall time
+    assert 0 < result["kernel_ms_per_step"] <= max(result["step_wall_ms"])
+    assert result["command"].startswith("python -m posterrt.benchmarks.op_profile")
