@@ -44,7 +44,7 @@ class TimedBackend(Backend):
     """Wraps a backend and records every call: model, start and duration (thread-safe).
 
     ``server_loops``: whether pipelines may use the wrapped backend's server-side loops (recorded
-    as one call of ``plannet_sampler``); False makes them loop on the client."""
+    as one call of ``plannet_sampler`` / ``<unet>_sampler``); False makes them loop on the client."""
 
     def __init__(self, inner: Backend, server_loops: bool = True):
         super().__init__(inner.bundle)
@@ -95,6 +95,24 @@ class TimedBackend(Backend):
                 return tokens
 
         return TimedLoop()
+
+    def unet_loop(self, unet: str):
+        """What ``find_unet_loop`` finds on the wrapped backend, timed like a model call."""
+        from posterrt.runtime.triton.unet_loop import find_unet_loop, loop_name
+
+        loop = find_unet_loop(self.inner, unet) if self.server_loops else None
+        if loop is None:
+            return None
+        timed = self
+
+        class TimedUnetLoop:
+            def denoise(self, *args, **kwargs):
+                started = time.perf_counter()
+                latents = loop.denoise(*args, **kwargs)
+                timed.record(loop_name(unet), started)
+                return latents
+
+        return TimedUnetLoop()
 
     def _run(self, contract, inputs):  # run() is overridden; never reached
         raise AssertionError("TimedBackend forwards run()")
@@ -459,7 +477,7 @@ def bench_serving(results: dict, bundle: Bundle, args, serving: list[str], skip:
                 backends["triton-grpc"] = stack.enter_context(open_backend(bundle, server.grpc_url))
                 backends["triton-grpc-shm"] = stack.enter_context(open_backend(
                     bundle, server.grpc_url, shared_memory=True, shm_threshold_bytes=SHM_THRESHOLD_BYTES))
-                if any(p in pipelines for p in ("render",)):  # the PlanNet loop: server-side vs client-side
+                if any(p in pipelines for p in ("render", "background")):  # server-side loops vs client-side
                     backends["triton-grpc-client-loop"] = backends["triton-grpc"]
                     client_loops.add("triton-grpc-client-loop")
         if "stages" not in skip:

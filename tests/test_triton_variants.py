@@ -4,6 +4,7 @@ an OpenVINO bf16 IR and an int8 ONNX variant with the numbers of the same files 
 refusals, and the generic model.py's OpenVINO import (telemetry off, one clear error without it)."""
 from __future__ import annotations
 
+import filecmp
 import importlib.util
 import json
 import os
@@ -279,15 +280,31 @@ def test_sampling_loop_follows_an_onnx_denoiser_variant_and_leaves_out_an_openvi
     bundle = Bundle(copy)
 
     onnx = build_repository(bundle, tmp_path / "onnx", variants={"plannet_denoiser": "int8-dynamic"})
-    (loop,) = onnx.server_loops
+    (loop,) = [loop for loop in onnx.server_loops if loop.name == "plannet_sampler"]
     assert loop.name == "plannet_sampler" and loop.variant["name"] == "int8-dynamic"
     assert os.path.samefile(loop.folder / "1" / "denoiser.onnx", copy / "plannet_denoiser.int8-dynamic.onnx")
     assert read_config(loop.folder).parameters[repository.VARIANT_PARAMETER].string_value == "int8-dynamic"
 
     ir = build_repository(bundle, tmp_path / "ir", variants={"plannet_denoiser": "openvino-fp32"})
-    assert not ir.server_loops and not (tmp_path / "ir" / "plannet_sampler").exists()
+    assert "plannet_sampler" not in [loop.name for loop in ir.server_loops]
+    assert not (tmp_path / "ir" / "plannet_sampler").exists()
     assert "plannet_sampler not written" in ir.notes[0] and "once per step" in ir.notes[0]
     assert (tmp_path / "ir" / "plannet_denoiser" / "1" / "model.xml").is_file()
     with pytest.raises(InputError, match="leave plannet_sampler out of --models"):
         build_repository(bundle, tmp_path / "ir2", models=["plannet_denoiser", "plannet_sampler"],
                          variants={"plannet_denoiser": "openvino-fp32"})
+
+
+def test_unet_loop_runs_the_variant_its_unet_serves(bundle_dir, tmp_path):
+    """bg_unet_sampler runs what bg_unet serves: an OpenVINO IR variant as model.xml + model.bin."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy, copy_function=os.link)
+    register(copy, "bg_unet", "openvino-fp32", lambda target: write_ir(copy / "bg_unet.onnx", target, "f32"))
+    report = build_repository(Bundle(copy), tmp_path / "repo", models=["bg_unet", "bg_unet_sampler"],
+                              variants={"bg_unet": "openvino-fp32"})
+    (loop,) = report.server_loops
+    assert loop.name == "bg_unet_sampler" and loop.variant["name"] == "openvino-fp32"
+    version = loop.folder / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.bin", "model.py", "model.xml", "sampler.json"]
+    assert filecmp.cmp(version / "model.xml", tmp_path / "repo" / "bg_unet" / "1" / "model.xml", shallow=False)
+    assert read_config(loop.folder).parameters[repository.VARIANT_PARAMETER].string_value == "openvino-fp32"

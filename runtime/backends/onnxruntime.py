@@ -94,31 +94,39 @@ class OrtBackend(Backend):
         session = self.session(contract.name)
         if isinstance(session, OpenVinoSession):
             return super()._bound_run(contract, fixed)
-        binding = session.io_binding()
-        bound = {name: np.ascontiguousarray(array) for name, array in fixed.items()}  # alive as long as `execute`
-        for name, array in bound.items():
-            binding.bind_cpu_input(name, array)
-        for name in contract.output_names:
-            binding.bind_output(name, "cpu")
-        options = ort.RunOptions()
-
-        def execute(inputs: dict[str, np.ndarray], bound=bound) -> dict[str, np.ndarray]:
-            arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
-            for name, array in arrays.items():  # kept alive in `arrays` until the run returns
-                binding.bind_cpu_input(name, array)
-            try:
-                session.run_with_iobinding(binding, options)
-            except Exception as error:
-                raise BackendError(f"model {contract.name!r}: ONNX Runtime failed: {error}") from None
-            return dict(zip(contract.output_names, binding.copy_outputs_to_cpu()))
-
-        return execute
+        return iobinding_step(session, contract.name, contract.output_names, fixed)
 
     def close(self) -> None:
         self._sessions.clear()
 
     def __repr__(self) -> str:
         return f"OrtBackend({str(self.bundle.root)!r}, providers={self.providers})"
+
+
+def iobinding_step(session: ort.InferenceSession, model: str, output_names: Sequence[str],
+                   fixed: Mapping[str, np.ndarray]):
+    """``step(inputs) -> outputs`` over ONNX Runtime's IO binding: ``fixed`` is bound once, each
+    step binds only its own inputs (ORT reads the numpy buffers in place) and runs. Used by the
+    embedded backend's loops and by the UNet loops that run inside Triton (unet_loop.py)."""
+    binding = session.io_binding()
+    bound = {name: np.ascontiguousarray(array) for name, array in fixed.items()}  # alive as long as `execute`
+    for name, array in bound.items():
+        binding.bind_cpu_input(name, array)
+    for name in output_names:
+        binding.bind_output(name, "cpu")
+    options = ort.RunOptions()
+
+    def execute(inputs: Mapping[str, np.ndarray], bound=bound) -> dict[str, np.ndarray]:
+        arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
+        for name, array in arrays.items():  # kept alive in `arrays` until the run returns
+            binding.bind_cpu_input(name, array)
+        try:
+            session.run_with_iobinding(binding, options)
+        except Exception as error:
+            raise BackendError(f"model {model!r}: ONNX Runtime failed: {error}") from None
+        return dict(zip(output_names, binding.copy_outputs_to_cpu()))
+
+    return execute
 
 
 def _engine(session) -> str:

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--max-request-mb", type=float, default=None,
                        help="cpu flavor: refuse requests whose tensors exceed this many MB (default: the largest "
                             "request the model's contract allows)")
+    build.add_argument("--no-server-loops", dest="server_loops", action="store_false",
+                       help="cpu flavor: leave out the sampling loops that run in the server (plannet_sampler, "
+                            "bg_unet_sampler, render_unet_sampler); clients then call the step models once per step")
+    build.add_argument("--unet-loop-call", choices=("auto", "in-process", "bls"), default="auto",
+                       help="how <unet>_sampler runs its UNet: in its own stub (a second copy of the weights) or "
+                            "through BLS calls to the served UNet (default auto: in-process up to 1 GB of weights)")
     build.add_argument("--client-bundle", help="also write the client's half of the bundle (manifest + tokenizers) here")
 
 
@@ -77,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..contracts import parse_variant_list
     from ..triton.model_config import ServingOptions
-    from ..triton.repository import build_repository, write_client_bundle
+    from ..triton.repository import build_repository, loop_models, write_client_bundle
+    from ..triton.unet_loop import UNET_CALL_PARAMETER
 
     if args.engines and args.flavor != "gpu-trt":
         raise InputError(f"--engines: only the gpu-trt flavor uses TensorRT plans, got --flavor {args.flavor}")
@@ -86,9 +93,12 @@ def run(args: argparse.Namespace) -> int:
     models = None
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in models if m not in bundle.models]
+        loops = loop_models()
+        unknown = [m for m in models if m not in bundle.models and m not in loops]
         if unknown:
-            raise InputError(f"--models: {unknown} are not in bundle {bundle.root}; it has {', '.join(bundle.models)}")
+            raise InputError(f"--models: {unknown} are not in bundle {bundle.root}; it has {', '.join(bundle.models)} "
+                             f"(and the server-side loops {', '.join(loops)})")
+    extra = {} if args.unet_loop_call == "auto" else {UNET_CALL_PARAMETER: args.unet_loop_call}
     options = ServingOptions(
         flavor=args.flavor, dynamic_batching=args.dynamic_batching, max_queue_delay_us=args.queue_delay_us,
         preferred_batch_sizes=args.preferred_batch_sizes, instances=args.instances,
@@ -96,14 +106,16 @@ def run(args: argparse.Namespace) -> int:
         model_threads=_model_counts(args.model_threads, "--model-threads"),
         intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
         gpu_accelerator=args.accelerator, trt_precision=args.precision,
-        max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6))
+        max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6),
+        server_loops=args.server_loops, extra_parameters=extra)
     report = build_repository(bundle, args.out, options, models=models, engines=args.engines, variants=variants)
     for model in report.models:
         print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}{_served(model)}")
         if model.note:
             print(f"  {model.note}", file=sys.stderr)
-    for loop in report.server_loops:  # serving-only models (plannet_sampler)
-        print(f"{loop.name:20s} ok  {loop.folder}  (sampling loop in the server){_served(loop)}")
+    for loop in report.server_loops:  # serving-only models (plannet_sampler, <unet>_sampler)
+        how = f", {loop.note}" if loop.note else ""
+        print(f"{loop.name:20s} ok  {loop.folder}  (sampling loop in the server{how}){_served(loop)}")
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.client_bundle:

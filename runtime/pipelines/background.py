@@ -14,6 +14,7 @@ from ..backends.base import Backend
 from ..errors import InputError
 from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
+from ..triton.unet_loop import find_unet_loop
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, run_side_by_side, stage_rng, to_chw
 from .request import PosterRequest, PosterResult
 from .stages import Stages
@@ -35,6 +36,7 @@ class BackgroundPipeline:
         self.progress = progress
         self.config = family_config(backend, "stable_diffusion")
         self.prompt_encoder = PromptEncoder(backend)
+        self.server_loop = find_unet_loop(backend, "bg_unet")  # None: the loop runs here, one call per step
 
     def generate(self, canvas: np.ndarray, product_mask: np.ndarray, request: PosterRequest) -> np.ndarray:
         """Paint the background of ``canvas`` (RGB uint8) where ``product_mask`` (float HxW, 1 = product) is 0."""
@@ -54,7 +56,7 @@ class BackgroundPipeline:
         latents = initial_latents(masked_image_latents.shape, scheduler, rng)
         # -- denoise: the UNet is the only per-step call -----------------------------------------
         latents = denoise(self.backend, "bg_unet", scheduler, latents, steps, guidance, step_invariant, rng,
-                          progress=self.progress)
+                          progress=self.progress, server_loop=self.server_loop)
         # -- epilogue: decode, then put the exact product pixels back (the VAE blurs fine detail)
         generated = decode(self.backend, latents)
         alpha = product_mask[..., None]

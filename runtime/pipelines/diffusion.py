@@ -80,12 +80,17 @@ def initial_latents(shape: tuple[int, ...], scheduler, rng: np.random.Generator)
 
 
 def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps: int, guidance: float,
-            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True) -> np.ndarray:
+            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True,
+            server_loop=None) -> np.ndarray:
     """The sampling loop: per step, only the noisy latents and the timestep change.
 
     ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
     (outside this loop): text embeddings, masked-image latents, control embedding, scales.
+    ``server_loop`` (``unet_loop.find_unet_loop``): run this same loop in the Triton server instead,
+    one request, continuing ``rng`` there.
     """
+    if server_loop is not None:
+        return server_loop.denoise(scheduler, latents, steps, guidance, step_invariant, rng)
     scheduler.set_timesteps(steps)
     unet = backend.bind(model, step_invariant)  # the step-invariant inputs are checked once, here
     for t in tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress):

@@ -15,6 +15,7 @@ from ..compose import assign_texts, compose_poster
 from ..errors import InputError
 from ..images import mask_box
 from ..schedulers import batch_for_guidance, get_scheduler
+from ..triton.unet_loop import find_unet_loop
 from .background import default_steps
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
 from .plan import PlanNetPlanner
@@ -34,6 +35,7 @@ class RenderPipeline:
         self.sd_config = family_config(backend, "stable_diffusion")  # prompt, tokenizer, default steps
         self.planner = PlanNetPlanner(backend, progress=progress)
         self.prompt_encoder = PromptEncoder(backend)
+        self.server_loop = find_unet_loop(backend, "render_unet")  # None: the loop runs here, one call per step
 
     def __call__(self, request: PosterRequest) -> PosterResult:
         request.validate()
@@ -71,7 +73,7 @@ class RenderPipeline:
         latents = initial_latents(latent_shape, scheduler, rng)
         # -- denoise: ControlNet trunk + UNet, one graph, per step -----------------------------
         latents = denoise(self.backend, "render_unet", scheduler, latents, steps, guidance, step_invariant, rng,
-                          progress=self.progress)
+                          progress=self.progress, server_loop=self.server_loop)
         # -- epilogue: decode, keep the exact product pixels -----------------------------------
         generated = decode(self.backend, latents)
         alpha = product_mask[..., None]

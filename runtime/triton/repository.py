@@ -15,6 +15,9 @@ Flavors (``model_config.FLAVORS``):
 Server-side loops (cpu flavor, written with the whole bundle, ``ServingOptions.server_loops``):
 ``plannet_sampler/1/`` holds ``sampling_loop.py`` as ``model.py``, a link to the PlanNet denoiser's
 ONNX and ``sampler.json`` (the bundle's plannet config): PlanNet's 100-step loop in one request.
+``bg_unet_sampler/1/`` and ``render_unet_sampler/1/`` hold ``unet_loop.py`` as ``model.py``, the
+UNet's file as its served model has it (export or variant) and ``sampler.json`` (its scheduler
+settings): a poster's whole denoising loop in one request (see unet_loop.py for the BLS option).
 
 The client side does not live here: a client is handed the bundle folder itself (manifest and
 tokenizers; the ONNX files are not needed to talk to Triton), see ``write_client_bundle``.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -37,6 +40,7 @@ from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, Se
 
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
 SAMPLING_LOOP_TEMPLATE = Path(__file__).with_name("sampling_loop.py")
+UNET_LOOP_TEMPLATE = Path(__file__).with_name("unet_loop.py")
 CONTRACT_FILE = "contract.json"
 VERSION = "1"
 ENGINES_MANIFEST = "manifest.json"  # written by `posterrt engines build` beside the plans
@@ -65,7 +69,7 @@ class RepositoryReport:
     root: Path
     flavor: str
     models: list[ModelReport] = field(default_factory=list)
-    #: serving-only models that drive a bundle model in the server (``plannet_sampler``)
+    #: serving-only models that drive a bundle model in the server (``plannet_sampler``, ``bg_unet_sampler``, ...)
     server_loops: list[ModelReport] = field(default_factory=list)
     #: what the build decided on the user's behalf (a server loop left out, ...)
     notes: list[str] = field(default_factory=list)
@@ -226,20 +230,72 @@ def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions, 
     return ModelReport(sampling_loop.MODEL_NAME, folder, True, variant=served)
 
 
+def _write_unet_loop(bundle: Bundle, unet: str, folder: Path, options: ServingOptions,
+                     variant: str | None = None) -> ModelReport:
+    """``<unet>_sampler``: runtime/triton/unet_loop.py with the file the served ``unet`` runs (the
+    export or ``variant``) and the scheduler settings of its pipeline."""
+    from . import unet_loop
+
+    entry = bundle.models[unet]
+    contract = unet_loop.loop_contract(bundle.contract(unet))
+    settings = unet_loop.sampler_settings(bundle.config, unet, entry.static_dims)
+    served = variant_record(bundle, unet, variant) if variant else None
+    size = sum((bundle.root / name).stat().st_size for name in [entry.file, *entry.data_files])
+    call = options.extra_parameters.get(
+        unet_loop.UNET_CALL_PARAMETER, "in-process" if size <= unet_loop.IN_PROCESS_LIMIT_BYTES else "bls")
+    parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION,
+                  unet_loop.SCHEDULERS_PARAMETER: ",".join(settings["schedulers"]),
+                  unet_loop.SETTINGS_SHA256_PARAMETER: unet_loop.settings_sha256(settings),
+                  unet_loop.UNET_CALL_PARAMETER: call, **_variant_parameters(served)}
+    # One request is one whole loop: nothing to batch. The loop's cost is its UNet calls, so its
+    # threads and instances follow the UNet's unless given for the loop itself.
+    unet_contract = bundle.contract(unet)
+    threads = options.model_threads.get(contract.name, options.model_threads.get(unet, options.intra_op_threads))
+    instances = options.model_instances.get(contract.name, options.instance_count(unet_contract))
+    loop_options = replace(options, dynamic_batching=False,
+                           model_threads={**options.model_threads, contract.name: threads},
+                           model_instances={**options.model_instances, contract.name: instances})
+    version = folder / VERSION
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, loop_options, parameters)))
+    shutil.copyfile(UNET_LOOP_TEMPLATE, version / "model.py")
+    if call == "in-process":
+        _link_model_files(bundle, unet, variant, version)
+    (version / unet_loop.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    return ModelReport(contract.name, folder, True, note=f"{unet} called {call}", variant=served)
+
+
+#: server-side loop -> the bundle model it drives
+def loop_models() -> dict[str, str]:
+    from . import sampling_loop, unet_loop
+
+    return {sampling_loop.MODEL_NAME: sampling_loop.DENOISER,
+            **{unet_loop.loop_name(unet): unet for unet in unet_loop.UNET_FAMILIES}}
+
+
+def _loop_family(loop: str) -> str:
+    from . import sampling_loop, unet_loop
+
+    if loop == sampling_loop.MODEL_NAME:
+        return "plannet"
+    return unet_loop.UNET_FAMILIES[loop_models()[loop]]
+
+
 def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
     """The server-side loops to write: on the cpu flavor, when the whole bundle is served (or a
     loop is named in ``models``) and the bundle has the model the loop drives."""
-    from .sampling_loop import DENOISER, MODEL_NAME
-
-    wanted = (models is None and options.server_loops) or (models is not None and MODEL_NAME in models)
-    if not wanted or DENOISER not in bundle.models or "plannet" not in bundle.config:
-        return []
-    if options.flavor != "cpu":
-        if models is not None:
-            raise InputError(f"--models: {MODEL_NAME} runs ONNX Runtime in a Python-backend model: cpu flavor only, "
-                             f"got --flavor {options.flavor}")
-        return []
-    return [MODEL_NAME]
+    loops = []
+    for loop, driven in loop_models().items():
+        wanted = (models is None and options.server_loops) or (models is not None and loop in models)
+        if not wanted or driven not in bundle.models or _loop_family(loop) not in bundle.config:
+            continue
+        if options.flavor != "cpu":
+            if models is not None:
+                raise InputError(f"--models: {loop} runs {driven}'s loop in a Python-backend model: cpu flavor only, "
+                                 f"got --flavor {options.flavor}")
+            continue
+        loops.append(loop)
+    return loops
 
 
 def _swap_in(root: Path, name: str, write) -> ModelReport:
@@ -267,7 +323,7 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     is written. Each model is staged beside its final folder and swapped in whole, so a server
     polling the repository never sees half a model. Other folders under ``out`` are left alone.
     """
-    from .sampling_loop import DENOISER
+    from .sampling_loop import DENOISER, MODEL_NAME as PLANNET_LOOP
 
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     options = options or ServingOptions()
@@ -277,16 +333,17 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
         raise BundleError(f"bundle {bundle.root} has no models to serve")
     bundle.require(names)
     variants = dict(variants or {})
-    _check_variants(bundle, options, names + ([DENOISER] if loops else []), variants)
+    driven = loop_models()
+    _check_variants(bundle, options, names + [driven[loop] for loop in loops], variants)
     notes = []
-    if loops and _is_openvino(bundle, DENOISER, variants.get(DENOISER)):
+    if PLANNET_LOOP in loops and _is_openvino(bundle, DENOISER, variants.get(DENOISER)):
         # the loop runs the denoiser with ONNX Runtime in its stub (sampling_loop.py): it follows an
         # ONNX variant, not an OpenVINO IR; without it, clients call the served denoiser per step
-        reason = f"{loops[0]} runs {DENOISER} with ONNX Runtime, not its OpenVINO variant {variants[DENOISER]!r}"
+        reason = f"{PLANNET_LOOP} runs {DENOISER} with ONNX Runtime, not its OpenVINO variant {variants[DENOISER]!r}"
         if models is not None:
-            raise InputError(f"--variants: {reason}; leave {loops[0]} out of --models")
-        notes.append(f"{loops[0]} not written: {reason}; clients call the served {DENOISER} once per step")
-        loops = []
+            raise InputError(f"--variants: {reason}; leave {PLANNET_LOOP} out of --models")
+        notes.append(f"{PLANNET_LOOP} not written: {reason}; clients call the served {DENOISER} once per step")
+        loops.remove(PLANNET_LOOP)
     engines = Path(engines) if engines else None
     if engines is not None and not engines.is_dir():
         raise InputError(f"--engines: folder {engines} does not exist; build engines with `posterrt engines build`")
@@ -297,8 +354,12 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
         report.models.append(_swap_in(root, name, lambda staging: _write_model(
             bundle, name, staging, options, engines, variants.get(name))))
     for name in loops:
-        report.server_loops.append(_swap_in(root, name, lambda staging: _write_sampling_loop(
-            bundle, staging, options, variants.get(DENOISER))))
+        model = driven[name]
+        if name == PLANNET_LOOP:
+            write = lambda staging: _write_sampling_loop(bundle, staging, options, variants.get(model))  # noqa: E731
+        else:
+            write = lambda staging: _write_unet_loop(bundle, model, staging, options, variants.get(model))  # noqa: E731
+        report.server_loops.append(_swap_in(root, name, write))
     return report
 
 

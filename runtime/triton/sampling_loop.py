@@ -213,14 +213,14 @@ class TritonPythonModel:
                     inputs[name] = tensor.as_numpy()
                 valid.append((index, inputs, check_request(self.contract, self.sampler, inputs)))
             except Exception as error:  # this request is bad; the others are served
-                responses[index] = _error(error)
+                responses[index] = error_response(error)
         for group in loop_groups(valid):
             try:
                 results = run_loop(self.sampler, self.denoiser, [inputs for _, inputs, _ in group],
                                    [generators for _, _, generators in group])
             except Exception as error:
                 for index, _, _ in group:
-                    responses[index] = _error(error)
+                    responses[index] = error_response(error)
                 continue
             for (index, _, generators), tokens in zip(group, results):
                 states = np.stack([generator_state(g) for g in generators])
@@ -232,7 +232,7 @@ class TritonPythonModel:
         self.denoiser = None
 
 
-def _error(error: Exception):
+def error_response(error: Exception):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__))
 
 
@@ -256,35 +256,41 @@ class ServerLoop:
         inputs = {"memory": memory, "memory_mask": memory_mask, "fixed_tokens": np.asarray(fixed_tokens, dtype=np.int64),
                   "steps": np.full(batch, steps, dtype=np.int64),
                   "rng_state": np.stack([generator_state(g) for g in generators])}
-        validate_inputs(self.contract, inputs)
-        failures = []
-        for server in self.servers:
-            try:
-                outputs = self._infer(server, inputs)
-            except Exception as error:  # unreachable, overloaded or refusing: the next server may answer
-                failures.append(f"{server.url}: {_describe(error)}")
-                continue
-            for generator, words in zip(generators, outputs["final_rng_state"]):
-                set_generator_state(generator, words)
-            return outputs["tokens"]
-        raise BackendError(f"model {MODEL_NAME!r}: no Triton server answered; {'; '.join(failures)}")
+        outputs = infer_first(self.backend, self.servers, self.contract, inputs)
+        for generator, words in zip(generators, outputs["final_rng_state"]):
+            set_generator_state(generator, words)
+        return outputs["tokens"]
 
-    def _infer(self, server, inputs: dict) -> dict:
-        from .model_config import WIRE_DTYPES, from_wire, to_wire
 
-        module = server.connections.module
-        binary = {"binary_data": True} if server.scheme == "http" else {}
-        items = []
-        for spec in self.contract.inputs:
-            array = to_wire(spec, np.ascontiguousarray(inputs[spec.name]))
-            item = module.InferInput(spec.name, list(array.shape), WIRE_DTYPES[spec.dtype])
-            item.set_data_from_numpy(array, **binary)
-            items.append(item)
-        requested = [module.InferRequestedOutput(spec.name, **binary) for spec in self.contract.outputs]
-        with server.connections.client() as client:
-            timeout = {"client_timeout": self.backend.timeout_s} if server.scheme == "grpc" else {}
-            result = client.infer(MODEL_NAME, items, outputs=requested, **timeout)
-        return {spec.name: from_wire(spec, result.as_numpy(spec.name)) for spec in self.contract.outputs}
+def infer_first(backend, servers: list, contract: ModelContract, inputs: dict) -> dict:
+    """One request to the served model ``contract.name`` (a server-side loop), validated here first;
+    servers are tried in order and the first that answers wins."""
+    validate_inputs(contract, inputs)
+    failures = []
+    for server in servers:
+        try:
+            return _infer(backend, server, contract, inputs)
+        except Exception as error:  # unreachable, overloaded or refusing: the next server may answer
+            failures.append(f"{server.url}: {_describe(error)}")
+    raise BackendError(f"model {contract.name!r}: no Triton server answered; {'; '.join(failures)}")
+
+
+def _infer(backend, server, contract: ModelContract, inputs: dict) -> dict:
+    from .model_config import WIRE_DTYPES, from_wire, to_wire
+
+    module = server.connections.module
+    binary = {"binary_data": True} if server.scheme == "http" else {}
+    items = []
+    for spec in contract.inputs:
+        array = to_wire(spec, np.ascontiguousarray(inputs[spec.name]))
+        item = module.InferInput(spec.name, list(array.shape), WIRE_DTYPES[spec.dtype])
+        item.set_data_from_numpy(array, **binary)
+        items.append(item)
+    requested = [module.InferRequestedOutput(spec.name, **binary) for spec in contract.outputs]
+    with server.connections.client() as client:
+        timeout = {"client_timeout": backend.timeout_s} if server.scheme == "grpc" else {}
+        result = client.infer(contract.name, items, outputs=requested, **timeout)
+    return {spec.name: from_wire(spec, result.as_numpy(spec.name)) for spec in contract.outputs}
 
 
 def find_server_loop(backend) -> ServerLoop | None:
@@ -297,29 +303,32 @@ def find_server_loop(backend) -> ServerLoop | None:
     own = getattr(backend, "server_loop", None)
     if callable(own):
         return own()
-    # A TritonBackend exists only once its module was imported: embedded users never import it here.
-    triton = sys.modules.get("posterrt.runtime.backends.triton")
-    if triton is None or not isinstance(backend, triton.TritonBackend) or DENOISER not in backend.bundle.models:
+    if not is_triton_backend(backend) or DENOISER not in backend.bundle.models:
         return None
-    expected = backend.bundle.models[DENOISER].sha256
-    servers = [server for server in backend.servers if _serves_sampler(server, expected)]
+    from .model_config import ONNX_SHA256_PARAMETER
+
+    expected = {ONNX_SHA256_PARAMETER: backend.bundle.models[DENOISER].sha256}
+    servers = [server for server in backend.servers if serves_model(server, MODEL_NAME, expected)]
     return ServerLoop(backend, servers) if servers else None
 
 
-def _serves_sampler(server, denoiser_sha256: str) -> bool:
-    """Whether ``server`` has plannet_sampler ready, running the bundle's denoiser."""
-    from .model_config import ONNX_SHA256_PARAMETER
+def is_triton_backend(backend) -> bool:
+    # A TritonBackend exists only once its module was imported: embedded users never import it here.
+    triton = sys.modules.get("posterrt.runtime.backends.triton")
+    return triton is not None and isinstance(backend, triton.TritonBackend)
 
+
+def serves_model(server, model: str, parameters: dict[str, str]) -> bool:
+    """Whether ``server`` has ``model`` ready with config ``parameters`` of these values."""
     try:
         with server.connections.client() as client:
-            if not client.is_model_ready(MODEL_NAME):
+            if not client.is_model_ready(model):
                 return False
-            config = client.get_model_config(MODEL_NAME, **({"as_json": True} if server.scheme == "grpc" else {}))
+            config = client.get_model_config(model, **({"as_json": True} if server.scheme == "grpc" else {}))
     except Exception:  # an old server, or one that is down: the client loop works everywhere
         return False
-    config = config.get("config", config)
-    served = config.get("parameters", {}).get(ONNX_SHA256_PARAMETER, {}).get("string_value")
-    return served == denoiser_sha256
+    served = config.get("config", config).get("parameters", {})
+    return all(served.get(key, {}).get("string_value") == value for key, value in parameters.items())
 
 
 def _describe(error: Exception) -> str:

@@ -1,0 +1,256 @@
+"""The server-side UNet loops (``bg_unet_sampler``, ``render_unet_sampler``): the loop model gives
+the client loop's latents for the same seed and scheduler (in-process with a stand-in for Triton's
+``pb_utils``, then through a real tritonserver, in-process and BLS), answers a bad request alone,
+and is written into the repository with the settings a client checks before using it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from posterrt.runtime.backends.onnxruntime import OrtBackend
+from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.pipelines.diffusion import denoise
+from posterrt.runtime.samples import default_sizes, sample_inputs
+from posterrt.runtime.schedulers import SCHEDULERS, get_scheduler
+from posterrt.runtime.triton import model_config as mc
+from posterrt.runtime.triton import unet_loop as ul
+from posterrt.runtime.triton.repository import UNET_LOOP_TEMPLATE, build_repository
+from posterrt.runtime.triton.sampling_loop import generator_from_state, generator_state
+
+from helpers_triton import start_server
+
+LOOPS = [ul.loop_name(unet) for unet in ul.UNET_FAMILIES]
+#: the stub and the client run the same ONNX file with the same ONNX Runtime and thread count;
+#: the loops agree to float32 rounding (in practice bit for bit)
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle) -> Bundle:
+    return Bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def embedded(bundle):
+    with OrtBackend(bundle, intra_op_threads=1) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def loop_repo(bundle, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("unet-loop-repo") / "repo"
+    build_repository(bundle, repo, models=LOOPS)
+    return repo
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+class FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors}
+        self.error = error
+
+
+def load_loop_model(repo: Path, name: str):
+    """unet_loop.py loaded from the repository as Triton's stub loads it, with a stand-in pb_utils."""
+    spec = importlib.util.spec_from_file_location(f"posterrt_{name}_under_test", repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.pb_utils = types.SimpleNamespace(Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Exception,
+                                            get_input_tensor_by_name=lambda request, name: request.get(name))
+    config = text_format.Parse((repo / name / "config.pbtxt").read_text(), pb.ModelConfig())
+    parameters = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": parameters}),
+                      "model_repository": str(repo / name), "model_version": "1"})
+    return model
+
+
+def loop_case(bundle, unet: str, guidance: float, seed: int):
+    """Random step-invariant inputs batched for ``guidance`` and the initial latents."""
+    contract = bundle.contract(unet)
+    sizes = {**default_sizes("small"), "cfg_batch": 2 if guidance > 1 else 1}
+    inputs = sample_inputs(contract, sizes, seed)
+    fixed = {name: array for name, array in inputs.items() if name not in ul.PER_STEP_INPUTS}
+    return fixed, inputs["sample"][:1]
+
+
+def client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps, guidance, seed):
+    """The pipelines' own loop in-process. Returns (latents, generator after)."""
+    config = bundle.config[ul.UNET_FAMILIES[unet]]["scheduler"]
+    generator = np.random.default_rng([seed, 11])
+    result = denoise(embedded, unet, get_scheduler(scheduler_name, config), latents, steps, guidance, fixed, generator,
+                     progress=False)
+    return result, generator
+
+
+def loop_request(fixed, latents, steps, guidance, scheduler_name, generator) -> dict:
+    inputs = {**{name: array[None] for name, array in fixed.items()}, "latents": latents,
+              "steps": np.array([steps], np.int64), "guidance": np.array([guidance], np.float32),
+              "scheduler": np.array([list(SCHEDULERS).index(scheduler_name)], np.int64),
+              "rng_state": generator_state(generator)[None]}
+    return {name: FakeTensor(name, array) for name, array in inputs.items()}
+
+
+@pytest.mark.parametrize("unet", list(ul.UNET_FAMILIES))
+@pytest.mark.parametrize("scheduler_name,guidance", [("ddim", 7.5), ("ddpm", 1.0), ("euler", 3.0)])
+def test_server_loop_gives_the_client_loops_latents(loop_repo, bundle, embedded, unet, scheduler_name, guidance):
+    seed, steps = fresh_seed(), 3
+    fixed, latents = loop_case(bundle, unet, guidance, seed)
+    expected, after = client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps, guidance, seed)
+    model = load_loop_model(loop_repo, ul.loop_name(unet))
+    request = loop_request(fixed, latents, steps, guidance, scheduler_name, np.random.default_rng([seed, 11]))
+    (response,) = model.execute([request])
+    assert response.error is None, response.error
+    assert not np.allclose(expected, latents, atol=1e-3), "the loop changed the latents"
+    np.testing.assert_allclose(response.outputs["denoised"], expected, rtol=RTOL, atol=ATOL)
+    state = generator_from_state(response.outputs["final_rng_state"][0]).bit_generator.state
+    assert state == after.bit_generator.state, "the server continued the client's generator as the client loop does"
+
+
+def test_a_bad_request_is_answered_alone(loop_repo, bundle, embedded):
+    model = load_loop_model(loop_repo, ul.loop_name("bg_unet"))
+    seed = fresh_seed()
+    fixed, latents = loop_case(bundle, "bg_unet", 7.5, seed)
+    good = loop_request(fixed, latents, 2, 7.5, "ddim", np.random.default_rng(seed))
+    unguided = loop_request(fixed, latents, 2, 1.0, "ddim", np.random.default_rng(seed))  # inputs batched for 7.5
+    unknown_scheduler = dict(good, scheduler=FakeTensor("scheduler", np.array([len(SCHEDULERS)], np.int64)))
+    nan_latents = dict(good, latents=FakeTensor("latents", np.full_like(latents, np.nan)))
+    responses = model.execute([unguided, good, unknown_scheduler, nan_latents])
+    assert "guidance" in str(responses[0].error) and "batched for guidance" in str(responses[0].error)
+    assert responses[1].error is None and responses[1].outputs["denoised"].shape == latents.shape
+    assert "'scheduler'" in str(responses[2].error)
+    assert "'latents'" in str(responses[3].error) and "NaN" in str(responses[3].error)
+
+
+# --- the repository folder --------------------------------------------------------------------
+def read_config(folder: Path) -> pb.ModelConfig:
+    return text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+
+
+@pytest.mark.parametrize("unet", list(ul.UNET_FAMILIES))
+def test_loop_folder(bundle, loop_repo, unet):
+    folder = loop_repo / ul.loop_name(unet)
+    version = folder / "1"
+    assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", "model.onnx", ul.SETTINGS_FILE])
+    assert (version / "model.py").read_text() == UNET_LOOP_TEMPLATE.read_text()
+    assert os.path.samefile(version / "model.onnx", bundle.model_path(unet))
+    settings = json.loads((version / ul.SETTINGS_FILE).read_text())
+    assert settings["scheduler_config"] == bundle.config[ul.UNET_FAMILIES[unet]]["scheduler"]
+    config = read_config(folder)
+    contract = ul.loop_contract(bundle.contract(unet))
+    assert config.backend == "python" and [t.name for t in config.input] == contract.input_names
+    assert not config.HasField("dynamic_batching"), "one request is one whole loop"
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert parameters[mc.ONNX_SHA256_PARAMETER] == bundle.models[unet].sha256
+    assert parameters[ul.SCHEDULERS_PARAMETER].split(",") == list(SCHEDULERS)
+    assert parameters[ul.SETTINGS_SHA256_PARAMETER] == ul.settings_sha256(settings)
+    assert parameters[ul.UNET_CALL_PARAMETER] == "in-process", "a tiny UNet is loaded in the loop's own stub"
+
+
+def test_a_big_unet_is_called_through_bls(bundle, tmp_path, monkeypatch):
+    """Above the size limit the loop holds no second copy of the weights: no model file, BLS calls."""
+    monkeypatch.setattr(ul, "IN_PROCESS_LIMIT_BYTES", 0)
+    report = build_repository(bundle, tmp_path / "repo", models=[ul.loop_name("bg_unet")])
+    (loop,) = report.server_loops
+    assert read_config(loop.folder).parameters[ul.UNET_CALL_PARAMETER].string_value == "bls"
+    assert sorted(p.name for p in (loop.folder / "1").iterdir()) == sorted(["model.py", ul.SETTINGS_FILE])
+
+
+def test_which_repositories_get_the_unet_loops(bundle, tmp_path):
+    whole = build_repository(bundle, tmp_path / "whole", models=None)
+    assert set(LOOPS) <= {m.name for m in whole.server_loops}
+    off = build_repository(bundle, tmp_path / "off", mc.ServingOptions(server_loops=False), models=["bg_unet"])
+    assert not off.server_loops
+    assert not build_repository(bundle, tmp_path / "gpu", mc.ServingOptions(flavor="gpu-onnx"), models=["bg_unet"]).server_loops
+
+
+# --- through a real tritonserver -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(bundle, tmp_path_factory):
+    """The background pipeline's models and its loop, in-process and BLS (the latter under another name)."""
+    repo = tmp_path_factory.mktemp("unet-served") / "repo"
+    build_repository(bundle, repo, models=["clip_text_encoder", "image_encoder", "vae_encoder", "bg_unet", "vae_decoder",
+                                           ul.loop_name("bg_unet")])
+    server = start_server(repo)
+    yield server
+    server.stop()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_background_through_triton_uses_the_server_loop_and_paints_as_embedded(served, bundle, embedded, protocol):
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.pipelines.background import BackgroundPipeline
+    from posterrt.runtime.pipelines.request import PosterRequest
+
+    rng = np.random.default_rng(fresh_seed())
+    product = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    mask = np.zeros((64, 48), np.float32)
+    mask[16:48, 12:36] = 1.0
+    request = PosterRequest(product=product, product_mask=mask, category="juice", size=(256, 256), steps=3,
+                            seed=fresh_seed(), scheduler="ddpm")
+    url = served.grpc_url if protocol == "grpc" else served.http_url
+    with TritonBackend(bundle, url) as triton:
+        pipeline = BackgroundPipeline(triton, progress=False)
+        assert pipeline.server_loop is not None, "the server serves bg_unet_sampler for this bundle"
+        before = triton.servers[0].answered
+        image = pipeline(request).image
+        # the prologue's VAE and text encoders (no style image: no image encoder) and the decoder
+        # through the per-model path, no bg_unet call: the three steps ran in the server's loop
+        assert triton.servers[0].answered == before + 3
+    expected = BackgroundPipeline(embedded, progress=False)(request).image
+    assert BackgroundPipeline(embedded, progress=False).server_loop is None
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, "same latents up to float32 rounding"
+
+
+@pytest.mark.triton
+def test_bls_loop_gives_the_client_loops_latents(bundle, embedded, tmp_path):
+    repo = tmp_path / "repo"
+    build_repository(bundle, repo, mc.ServingOptions(extra_parameters={ul.UNET_CALL_PARAMETER: "bls"}),
+                     models=["bg_unet", ul.loop_name("bg_unet")])
+    server = start_server(repo)
+    try:
+        from posterrt.runtime.backends.triton import TritonBackend
+
+        with TritonBackend(bundle, server.grpc_url) as triton:
+            loop = ul.find_unet_loop(triton, "bg_unet")
+            seed, guidance = fresh_seed(), 7.5
+            fixed, latents = loop_case(bundle, "bg_unet", guidance, seed)
+            config = bundle.config["stable_diffusion"]["scheduler"]
+            generator = np.random.default_rng([seed, 11])
+            result = loop.denoise(get_scheduler("ddpm", config), latents, 3, guidance, fixed, generator)
+        expected, after = client_denoise(embedded, bundle, "bg_unet", "ddpm", fixed, latents, 3, guidance, seed)
+        np.testing.assert_allclose(result, expected, rtol=RTOL, atol=ATOL)
+        assert generator.bit_generator.state == after.bit_generator.state
+    finally:
+        server.stop()
+
+
+@pytest.mark.triton
+def test_a_client_with_other_scheduler_settings_loops_itself(served, bundle, monkeypatch):
+    """The settings hash guards the loop: a bundle whose scheduler config differs does not use it."""
+    from posterrt.runtime.backends.triton import TritonBackend
+
+    with TritonBackend(bundle, served.grpc_url) as triton:
+        assert ul.find_unet_loop(triton, "bg_unet") is not None
+        monkeypatch.setitem(triton.bundle.config["stable_diffusion"]["scheduler"], "beta_end", 0.0234)
+        assert ul.find_unet_loop(triton, "bg_unet") is None
