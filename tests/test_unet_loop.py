@@ -254,3 +254,21 @@ def test_a_client_with_other_scheduler_settings_loops_itself(served, bundle, mon
         assert ul.find_unet_loop(triton, "bg_unet") is not None
         monkeypatch.setitem(triton.bundle.config["stable_diffusion"]["scheduler"], "beta_end", 0.0234)
         assert ul.find_unet_loop(triton, "bg_unet") is None
+
+
+def test_repo_build_flags_choose_the_loops_and_how_they_call_the_unet(bundle, tmp_path, capsys):
+    from posterrt.runtime import cli
+
+    assert cli.main(["repo", "build", "--bundle", str(bundle.root), "--out", str(tmp_path / "bls"),
+                     "--models", "bg_unet,bg_unet_sampler", "--unet-loop-call", "bls"]) == 0
+    assert "bg_unet_sampler" in capsys.readouterr().out
+    config = read_config(tmp_path / "bls" / "bg_unet_sampler")
+    assert config.parameters[ul.UNET_CALL_PARAMETER].string_value == "bls"
+    assert cli.main(["repo", "build", "--bundle", str(bundle.root), "--out", str(tmp_path / "none"),
+                     "--no-server-loops"]) == 0
+    assert not [p for p in (tmp_path / "none").iterdir() if p.name.endswith("_sampler")]
+    capsys.readouterr()
+    assert cli.main(["repo", "build", "--bundle", str(bundle.root), "--out", str(tmp_path / "bad"),
+                     "--models", "bg_unet_loop"]) == 2
+    error = capsys.readouterr().err
+    assert "bg_unet_loop" in error and "bg_unet_sampler" in error, "the message lists the loops that exist"
