@@ -44,7 +44,8 @@ class TimedBackend(Backend):
     """Wraps a backend and records every call: model, start and duration (thread-safe).
 
     ``server_loops``: whether pipelines may use the wrapped backend's server-side loops (recorded
-    as one call of ``plannet_sampler`` / ``<unet>_sampler``); False makes them loop on the client."""
+    as one call of ``plannet_sampler`` / ``<unet>_sampler`` / ``radm_layout``); False makes them loop on
+    the client."""
 
     def __init__(self, inner: Backend, server_loops: bool = True):
         super().__init__(inner.bundle)
@@ -113,6 +114,24 @@ class TimedBackend(Backend):
                 return latents
 
         return TimedUnetLoop()
+
+    def radm_layout(self):
+        """What ``find_radm_layout`` finds on the wrapped backend, timed like a model call."""
+        from posterrt.runtime.triton.layout_loop import MODEL_NAME, find_radm_layout
+
+        stage = find_radm_layout(self.inner) if self.server_loops else None
+        if stage is None:
+            return None
+        timed = self
+
+        class TimedLayout:
+            def detect(self, *args, **kwargs):
+                started = time.perf_counter()
+                detections = stage.detect(*args, **kwargs)
+                timed.record(MODEL_NAME, started)
+                return detections
+
+        return TimedLayout()
 
     def _run(self, contract, inputs):  # run() is overridden; never reached
         raise AssertionError("TimedBackend forwards run()")
@@ -477,7 +496,7 @@ def bench_serving(results: dict, bundle: Bundle, args, serving: list[str], skip:
                 backends["triton-grpc"] = stack.enter_context(open_backend(bundle, server.grpc_url))
                 backends["triton-grpc-shm"] = stack.enter_context(open_backend(
                     bundle, server.grpc_url, shared_memory=True, shm_threshold_bytes=SHM_THRESHOLD_BYTES))
-                if any(p in pipelines for p in ("render", "background")):  # server-side loops vs client-side
+                if any(p in pipelines for p in ("render", "background", "layout")):  # server-side loops vs client-side
                     backends["triton-grpc-client-loop"] = backends["triton-grpc"]
                     client_loops.add("triton-grpc-client-loop")
         if "stages" not in skip:

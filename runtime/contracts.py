@@ -66,6 +66,8 @@ DYNAMIC_DIMS: dict[str, DimRange] = {
     "text_tokens": DimRange(4, 16, 64),
     "proposals": DimRange(1, 100, 300),
     "memory_tokens": DimRange(2, 69, 330),
+    # boxes a server-side layout returns per row, padded to at least one (radm_layout's ``count``)
+    "detections": DimRange(1, 100, 3000),
 }
 
 

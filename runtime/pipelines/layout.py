@@ -2,7 +2,8 @@
 
 Prologue (once per request): the backbone's FPN features of the image and one feature per text
 line. Loop: the box sampler calls the head once per step on the current noisy boxes. Epilogue:
-top-k, class-wise NMS and the score threshold (inside the sampler), then class names.
+top-k, class-wise NMS and the score threshold (inside the sampler), then class names. On a Triton
+server that offers it (``radm_layout``), prologue, loop and epilogue run there in one request.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from tqdm import tqdm
 from ..backends.base import Backend
 from ..compose import assign_texts, compose_poster
 from ..images import fit_to_canvas, flatten
-from ..schedulers.radm import RadmBoxSampler, RadmSamplerConfig
+from ..schedulers.radm import Detections, RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
+from ..triton.layout_loop import find_radm_layout
 from .diffusion import family_config, run_side_by_side, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest, PosterResult
 from .stages import Stages
@@ -23,9 +25,13 @@ FPN_LEVELS = ("p2", "p3", "p4", "p5")
 
 
 class RADMLayout:
-    """The RADM stage: image + texts -> layout elements. Used by the layout and poster pipelines."""
+    """The RADM stage: image + texts -> layout elements. Used by the layout and poster pipelines.
 
-    def __init__(self, backend: Backend, progress: bool = True):
+    ``server_layout``: use the backend's server-side stage (``radm_layout`` on a Triton server)
+    when it offers one: the whole stage in one request, with the same boxes for the same seed.
+    The server runs :meth:`detect` itself, over its own in-process copy of the three models."""
+
+    def __init__(self, backend: Backend, progress: bool = True, server_layout: bool = True):
         backend.bundle.require(MODELS)
         self.backend = backend
         self.progress = progress
@@ -34,14 +40,25 @@ class RADMLayout:
         self.sampler = RadmBoxSampler(RadmSamplerConfig.from_bundle_config(self.config))
         self.tokenizer = load_tokenizer(backend.bundle, "radm_tokenizer", int(self.config["max_text_tokens"]),
                                         pad_id=self.config.get("text_pad_token_id"))
+        self.server_layout = find_radm_layout(backend) if server_layout else None
 
     def __call__(self, image: np.ndarray, texts: list[str], seed: int, steps: int | None = None) -> list[LayoutElement]:
         """Layout of ``image`` (RGB uint8 HxWx3, H and W multiples of 64) for ``texts``."""
-        height, width = image.shape[:2]
+        ids, attention = encode_lines(self.tokenizer, texts) if texts else (None, None)
+        stage = self.server_layout if self.server_layout is not None else self
+        detections = stage.detect(to_chw(image, 0.0, 255.0), ids, attention, seed, steps)
+        return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), float(score))
+                for box, score, label in zip(detections.boxes, detections.scores, detections.labels)]
+
+    def detect(self, image: np.ndarray, ids: np.ndarray | None, attention: np.ndarray | None, seed: int,
+               steps: int | None = None) -> Detections:
+        """The stage on this backend: ``image`` [1, 3, H, W] RGB 0..255, the texts' token ids and
+        attention mask [lines, tokens] (None without texts)."""
+        height, width = image.shape[2:]
         # -- prologue: once per request --------------------------------------------------------
         features, (text_features, text_mask) = run_side_by_side(  # independent calls: overlapped
-            lambda: self.backend.run("radm_backbone", {"image": to_chw(image, 0.0, 255.0)}),
-            lambda: self.encode_texts(texts))
+            lambda: self.backend.run("radm_backbone", {"image": image}),
+            lambda: self.text_features(ids, attention))
         step_invariant = {**{level: features[level] for level in FPN_LEVELS},
                           "text_features": text_features, "text_mask": text_mask,
                           "image_size": np.array([[height, width]], dtype=np.float32)}
@@ -57,11 +74,9 @@ class RADMLayout:
 
         with calls:
             detections, = self.sampler.sample(denoise, [[height, width]], stage_rng(seed, "layout"), steps=steps)
-        # -- epilogue: class names ------------------------------------------------------------------
-        return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), float(score))
-                for box, score, label in zip(detections.boxes, detections.scores, detections.labels)]
+        return detections
 
-    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def text_features(self, ids: np.ndarray | None, attention: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """One pooled feature per text line: ``text_features`` [1, lines, dim] and ``text_mask`` [1, lines].
 
         Padding: a head exported with ``text_compat_view`` reproduces the public code's
@@ -70,15 +85,15 @@ class RADMLayout:
         features and mask 0, and so do we. Otherwise only the real lines are sent (at least one: a
         zero line with mask 0, which the attention ignores).
         """
+        count = 0 if ids is None else len(ids)
         dim = self.backend.contract("radm_text_encoder").output("text_features").shape[1]
-        lines = int(self.config["max_lines"]) if self.config.get("text_compat_view") else max(1, len(texts))
+        lines = int(self.config["max_lines"]) if self.config.get("text_compat_view") else max(1, count)
         features = np.zeros((1, lines, dim), dtype=np.float32)
         mask = np.zeros((1, lines), dtype=np.float32)
-        if texts:
-            ids, attention = encode_lines(self.tokenizer, texts)
+        if count:
             encoded = self.backend.run("radm_text_encoder", {"input_ids": ids, "attention_mask": attention})
-            features[0, :len(texts)] = encoded["text_features"]
-            mask[0, :len(texts)] = 1.0
+            features[0, :count] = encoded["text_features"]
+            mask[0, :count] = 1.0
         return features, mask
 
 

@@ -18,6 +18,8 @@ ONNX and ``sampler.json`` (the bundle's plannet config): PlanNet's 100-step loop
 ``bg_unet_sampler/1/`` and ``render_unet_sampler/1/`` hold ``unet_loop.py`` as ``model.py``, the
 UNet's file as its served model has it (export or variant) and ``sampler.json`` (its scheduler
 settings): a poster's whole denoising loop in one request (see unet_loop.py for the BLS option).
+``radm_layout/1/`` holds ``layout_loop.py`` as ``model.py`` and ``bundle/``: the manifest, the
+assets and hardlinks to the three RADM models' files: a whole RADM layout in one request.
 
 The client side does not live here: a client is handed the bundle folder itself (manifest and
 tokenizers; the ONNX files are not needed to talk to Triton), see ``write_client_bundle``.
@@ -41,6 +43,7 @@ from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, Se
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
 SAMPLING_LOOP_TEMPLATE = Path(__file__).with_name("sampling_loop.py")
 UNET_LOOP_TEMPLATE = Path(__file__).with_name("unet_loop.py")
+LAYOUT_LOOP_TEMPLATE = Path(__file__).with_name("layout_loop.py")
 CONTRACT_FILE = "contract.json"
 VERSION = "1"
 ENGINES_MANIFEST = "manifest.json"  # written by `posterrt engines build` beside the plans
@@ -265,20 +268,60 @@ def _write_unet_loop(bundle: Bundle, unet: str, folder: Path, options: ServingOp
     return ModelReport(contract.name, folder, True, note=f"{unet} called {call}", variant=served)
 
 
-#: server-side loop -> the bundle model it drives
-def loop_models() -> dict[str, str]:
-    from . import sampling_loop, unet_loop
+def _write_layout_loop(bundle: Bundle, folder: Path, options: ServingOptions, variants: Mapping[str, str]) -> ModelReport:
+    """``radm_layout``: runtime/triton/layout_loop.py with a small bundle of its own (the manifest,
+    the assets and hardlinks to the three RADM models' files, or to the variants served for them)."""
+    from . import layout_loop
 
-    return {sampling_loop.MODEL_NAME: sampling_loop.DENOISER,
-            **{unet_loop.loop_name(unet): unet for unet in unet_loop.UNET_FAMILIES}}
+    contract = layout_loop.layout_contract(layout_loop.static_dims(bundle))
+    served = {model: variants[model] for model in layout_loop.MODELS if model in variants}
+    parameters = {CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION,
+                  layout_loop.SETTINGS_SHA256_PARAMETER: layout_loop.settings_sha256(bundle),
+                  layout_loop.VARIANTS_PARAMETER: json.dumps(served, sort_keys=True)}
+    # One request is one layout; its cost is radm_head's, so threads and instances follow the
+    # head's unless given for the stage itself.
+    head = bundle.contract("radm_head")
+    threads = options.model_threads.get(contract.name, options.model_threads.get(head.name, options.intra_op_threads))
+    instances = options.model_instances.get(contract.name, options.instance_count(head))
+    stage_options = replace(options, dynamic_batching=False,
+                            model_threads={**options.model_threads, contract.name: threads},
+                            model_instances={**options.model_instances, contract.name: instances})
+    version = folder / VERSION
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, stage_options, parameters)))
+    shutil.copyfile(LAYOUT_LOOP_TEMPLATE, version / "model.py")
+    small = write_client_bundle(bundle, version / layout_loop.BUNDLE_FOLDER)
+    for model in layout_loop.MODELS:
+        entry = bundle.models[model]
+        files = [entry.file, *entry.data_files]
+        if model in served:
+            record = bundle.variants(model)[served[model]]
+            files += [record["file"], *record.get("data_files", [])]
+        for relative in files:
+            target = confined_path(small, relative, f"{layout_loop.MODEL_NAME} file of {model!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(confined_path(bundle.root, relative, f"bundle model {model!r}"), target)
+    note = f"variants {served}" if served else ""
+    return ModelReport(contract.name, folder, True, note=note)
+
+
+#: server-side loop -> the bundle models it runs
+def loop_models() -> dict[str, tuple[str, ...]]:
+    from . import layout_loop, sampling_loop, unet_loop
+
+    return {sampling_loop.MODEL_NAME: (sampling_loop.DENOISER,),
+            **{unet_loop.loop_name(unet): (unet,) for unet in unet_loop.UNET_FAMILIES},
+            layout_loop.MODEL_NAME: layout_loop.MODELS}
 
 
 def _loop_family(loop: str) -> str:
-    from . import sampling_loop, unet_loop
+    from . import layout_loop, sampling_loop, unet_loop
 
     if loop == sampling_loop.MODEL_NAME:
         return "plannet"
-    return unet_loop.UNET_FAMILIES[loop_models()[loop]]
+    if loop == layout_loop.MODEL_NAME:
+        return layout_loop.FAMILY
+    return unet_loop.UNET_FAMILIES[loop_models()[loop][0]]
 
 
 def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
@@ -287,11 +330,11 @@ def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] 
     loops = []
     for loop, driven in loop_models().items():
         wanted = (models is None and options.server_loops) or (models is not None and loop in models)
-        if not wanted or driven not in bundle.models or _loop_family(loop) not in bundle.config:
+        if not wanted or any(m not in bundle.models for m in driven) or _loop_family(loop) not in bundle.config:
             continue
         if options.flavor != "cpu":
             if models is not None:
-                raise InputError(f"--models: {loop} runs {driven}'s loop in a Python-backend model: cpu flavor only, "
+                raise InputError(f"--models: {loop} runs {', '.join(driven)} in a Python-backend model: cpu flavor only, "
                                  f"got --flavor {options.flavor}")
             continue
         loops.append(loop)
@@ -323,6 +366,7 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     is written. Each model is staged beside its final folder and swapped in whole, so a server
     polling the repository never sees half a model. Other folders under ``out`` are left alone.
     """
+    from .layout_loop import MODEL_NAME as LAYOUT_LOOP
     from .sampling_loop import DENOISER, MODEL_NAME as PLANNET_LOOP
 
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -334,7 +378,7 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     bundle.require(names)
     variants = dict(variants or {})
     driven = loop_models()
-    _check_variants(bundle, options, names + [driven[loop] for loop in loops], variants)
+    _check_variants(bundle, options, names + [m for loop in loops for m in driven[loop]], variants)
     notes = []
     if PLANNET_LOOP in loops and _is_openvino(bundle, DENOISER, variants.get(DENOISER)):
         # the loop runs the denoiser with ONNX Runtime in its stub (sampling_loop.py): it follows an
@@ -354,9 +398,11 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
         report.models.append(_swap_in(root, name, lambda staging: _write_model(
             bundle, name, staging, options, engines, variants.get(name))))
     for name in loops:
-        model = driven[name]
+        model = driven[name][0]
         if name == PLANNET_LOOP:
             write = lambda staging: _write_sampling_loop(bundle, staging, options, variants.get(model))  # noqa: E731
+        elif name == LAYOUT_LOOP:
+            write = lambda staging: _write_layout_loop(bundle, staging, options, variants)  # noqa: E731
         else:
             write = lambda staging: _write_unet_loop(bundle, model, staging, options, variants.get(model))  # noqa: E731
         report.server_loops.append(_swap_in(root, name, write))
