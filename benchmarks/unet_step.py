@@ -125,18 +125,15 @@ def ort_candidates(bundle: Bundle, model: str, inputs: dict, threads: int, varia
 def _io_bound(session, inputs: dict, output: str):
     """Inputs bound once (a pipeline rebinds only ``sample`` and ``timestep`` per step) and the
     output written into one preallocated buffer reused across steps."""
-    import onnxruntime as ort
-
     binding = session.io_binding()
     for name, array in inputs.items():
         binding.bind_cpu_input(name, array)
     shape = inputs["sample"].shape
     result = np.empty(shape, np.float32)
     binding.bind_output(output, "cpu", 0, np.float32, list(shape), result.ctypes.data)
-    options = ort.RunOptions()
 
     def run():
-        session.run_with_iobinding(binding, options)
+        session.run_with_iobinding(binding)  # no RunOptions: see backends.onnxruntime.iobinding_step
         return result
     return run
 

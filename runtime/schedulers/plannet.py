@@ -142,9 +142,12 @@ class PlanNetSampler:
     def __init__(self, config: PlanNetSamplerConfig):
         config.validate()
         self.config = config
-        # added to the logits per attribute (class, x, y, w, h): the class has pad_class + 1 valid ids
-        self._attribute_bias = np.zeros((5, config.num_bins))
-        self._attribute_bias[0, config.pad_class + 1:] = -np.inf
+        # added to the logits per token position (E elements x class, x, y, w, h): the class has
+        # pad_class + 1 valid ids. Per position rather than per attribute, so a step looks its
+        # revealed tokens' rows up in one index instead of computing ``position % 5`` first.
+        attribute_bias = np.zeros((5, config.num_bins))
+        attribute_bias[0, config.pad_class + 1:] = -np.inf
+        self._position_bias = np.tile(attribute_bias, (config.max_elements, 1))
 
     def blank_tokens(self, batch_size: int) -> np.ndarray:
         """All-mask tokens [B, E, 5]: fill some in and pass them as ``fixed_tokens`` to condition."""
@@ -207,7 +210,7 @@ class PlanNetSampler:
     def _draw_x0(self, logits: np.ndarray, revealed: np.ndarray, temperature: float, generator) -> np.ndarray:
         """x0 of the ``revealed`` tokens of one row, from its logits [E * 5, K] (only those rows are
         read): a draw from softmax(logits / temperature), the argmax at 0, on the attribute's ids."""
-        scores = logits[revealed] + self._attribute_bias[revealed % 5]  # float64; the class's invalid ids at -inf
+        scores = logits[revealed] + self._position_bias[revealed]  # float64; the class's invalid ids at -inf
         # -inf is a logit of probability 0; a NaN (max propagates it), +inf or no finite logit is an error
         if not np.isfinite(scores.max(axis=1)).all():
             raise ContractError("plannet denoiser: returned NaN, +Inf or no finite logit for a token being revealed")
