@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "request the model's contract allows)")
     build.add_argument("--no-server-loops", dest="server_loops", action="store_false",
                        help="cpu flavor: leave out the sampling loops that run in the server (plannet_sampler, "
-                            "bg_unet_sampler, render_unet_sampler); clients then call the step models once per step")
+                            "bg_unet_sampler, render_unet_sampler, radm_layout); clients then call the step models "
+                            "once per step")
     build.add_argument("--unet-loop-call", choices=("auto", "in-process", "bls"), default="auto",
                        help="how <unet>_sampler runs its UNet: in its own stub (a second copy of the weights) or "
                             "through BLS calls to the served UNet (default auto: in-process up to 1 GB of weights)")
