@@ -35,7 +35,7 @@ STEP = "step"  # runs once per denoising step
 EPILOGUE = "epilogue"  # runs once per request, after the loop
 ROLES = (PROLOGUE, STEP, EPILOGUE)
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
 @dataclass(frozen=True)

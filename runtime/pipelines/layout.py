@@ -46,18 +46,18 @@ class RADMLayout:
         """Layout of ``image`` (RGB uint8 HxWx3, H and W multiples of 64) for ``texts``."""
         ids, attention = encode_lines(self.tokenizer, texts) if texts else (None, None)
         stage = self.server_layout if self.server_layout is not None else self
-        detections = stage.detect(to_chw(image, 0.0, 255.0), ids, attention, seed, steps)
+        detections = stage.detect(image, ids, attention, seed, steps)
         return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), float(score))
                 for box, score, label in zip(detections.boxes, detections.scores, detections.labels)]
 
     def detect(self, image: np.ndarray, ids: np.ndarray | None, attention: np.ndarray | None, seed: int,
                steps: int | None = None) -> Detections:
-        """The stage on this backend: ``image`` [1, 3, H, W] RGB 0..255, the texts' token ids and
-        attention mask [lines, tokens] (None without texts)."""
-        height, width = image.shape[2:]
+        """The stage on this backend: ``image`` RGB uint8 HxWx3, the texts' token ids and attention
+        mask [lines, tokens] (None without texts)."""
+        height, width = image.shape[:2]
         # -- prologue: once per request --------------------------------------------------------
         features, (text_features, text_mask) = run_side_by_side(  # independent calls: overlapped
-            lambda: self.backend.run("radm_backbone", {"image": image}),
+            lambda: self.backend.run("radm_backbone", {"image": to_chw(image, 0.0, 255.0)}),
             lambda: self.text_features(ids, attention))
         step_invariant = {**{level: features[level] for level in FPN_LEVELS},
                           "text_features": text_features, "text_mask": text_mask,

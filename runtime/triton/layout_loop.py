@@ -12,7 +12,7 @@ of the exported bundle (``write_client_bundle``) plus links to the three RADM fi
 checks their hashes as the embedded backend does. The generator is ``stage_rng(seed, "layout")``
 on both sides, so a seed gives the same boxes wherever the stage runs.
 
-Inputs, one layout per row (rows run one after another): ``image`` (the backbone's input), the
+Inputs, one layout per row (rows run one after another): ``image`` (uint8 HxWx3, as the pipeline has it), the
 texts' ``input_ids`` / ``attention_mask`` padded to ``lines`` rows and ``text_lines`` (how many of
 them are real: 0 = no texts), ``seed`` and ``steps`` (0: the bundle's ``sampling_steps``).
 Outputs: ``boxes``, ``scores``, ``labels``, padded to the most detections of a row (at least one
@@ -53,13 +53,13 @@ MAX_SEED = 2 ** 63 - 1
 def layout_contract(static_dims: dict[str, dict]) -> ModelContract:
     """The stage's contract; ``static_dims``: each RADM model's static sizes from the bundle."""
     text = get_contract("radm_text_encoder").resolve(static_dims["radm_text_encoder"])
-    image = get_contract("radm_backbone").resolve(static_dims["radm_backbone"]).input("image")
     ids, attention = text.input("input_ids"), text.input("attention_mask")
     lines = ("batch", "lines", "text_tokens")
     return ModelContract(
         MODEL_NAME, "layout", PROLOGUE,
         inputs=(
-            image,
+            # the pixels as the pipeline has them: a quarter of the backbone's float32 input on the wire
+            TensorSpec("image", "uint8", ("batch", "height", "width", 3), "RGB 0..255, H and W multiples of 64"),
             TensorSpec("input_ids", ids.dtype, lines, "token ids of each text line (padding rows past text_lines)",
                        ids.low, ids.high),
             TensorSpec("attention_mask", attention.dtype, lines, "1 for tokens, 0 for padding", attention.low,
@@ -100,8 +100,7 @@ def detect_row(layout, inputs: dict, row: int) -> Detections:
     ids = inputs["input_ids"][row, :lines] if lines else None
     attention = inputs["attention_mask"][row, :lines] if lines else None
     steps = int(inputs["steps"][row]) or None
-    return layout.detect(np.ascontiguousarray(inputs["image"][row:row + 1]), ids, attention,
-                         int(inputs["seed"][row]), steps)
+    return layout.detect(inputs["image"][row], ids, attention, int(inputs["seed"][row]), steps)
 
 
 def pad_detections(rows: list[Detections]) -> dict[str, np.ndarray]:
@@ -178,7 +177,7 @@ class RadmServerLayout:
         else:
             lines = len(ids)
         one = lambda value: np.array([value], dtype=np.int64)  # noqa: E731
-        inputs = {"image": image, "input_ids": ids[None], "attention_mask": attention[None], "text_lines": one(lines),
+        inputs = {"image": image[None], "input_ids": ids[None], "attention_mask": attention[None], "text_lines": one(lines),
                   "seed": one(seed), "steps": one(0 if steps is None else steps)}
         outputs = infer_first(self.backend, self.servers, self.contract, inputs)
         count = int(outputs["count"][0])

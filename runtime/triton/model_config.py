@@ -28,7 +28,7 @@ GPU_ACCELERATORS = ("tensorrt", "cuda")
 TRT_PRECISIONS = ("FP16", "FP32")
 
 #: contract dtype -> Triton wire datatype (the config's enum is "TYPE_" + this)
-WIRE_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
+WIRE_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
 
 #: Parameter keys posterrt writes into every config. The ONNX hash lets a client check that the
 #: server serves the weights of the bundle it was given, not only tensors of the right shapes.
