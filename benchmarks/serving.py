@@ -332,8 +332,8 @@ def server_counts(url: str, model: str) -> tuple[int, int]:
 #: Server configurations of the throughput sweep: the repository's defaults with dynamic batching
 #: on and off (the table of bench.md), then the levers tried (results["throughput_levers"]).
 #: The queue-delay and preferred-size levers were measured and dropped (RESULTS.md, Serving); the
-#: defaults give radm_head two instances (model_config.DEFAULT_CPU_INSTANCES), "1 instance" shows
-#: what that default is worth.
+#: defaults give radm_head and plannet_denoiser two instances (model_config.DEFAULT_CPU_INSTANCES),
+#: "1 instance" shows what that default is worth.
 THROUGHPUT_CONFIGS = {
     "batching": {"dynamic_batching": True},
     "no-batching": {"dynamic_batching": False},

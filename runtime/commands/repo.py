@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--queue-delay-us", type=int, help="max_queue_delay_microseconds (default: 0)")
     build.add_argument("--preferred-batch-sizes", type=_int_list, default=(), help="e.g. 2,4 (default: none)")
     build.add_argument("--instances", type=int, default=None,
-                       help="instances of every model (default: 1, and 2 for radm_head on the cpu flavor)")
+                       help="instances of every model (default: 1, and 2 for radm_head and plannet_denoiser on "
+                            "the cpu flavor)")
     build.add_argument("--model-instances", default=None, metavar="MODEL=N,...",
                        help="per-model instance counts over --instances, e.g. radm_head=2,bg_unet=1")
     build.add_argument("--intra-op-threads", type=int, default=1, help="cpu flavor: ONNX Runtime (or OpenVINO) threads per instance (default 1)")

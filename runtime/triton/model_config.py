@@ -109,11 +109,14 @@ def default_batching(contract: ModelContract) -> BatchingPolicy:
 #: cpu flavor: models served by two instances by default. One instance runs one batch at a time on
 #: ``intra_op_threads`` (1) cores; for a model whose cost is linear in the batch, batching alone
 #: then adds no throughput, a second instance lets a second batch use the second core. radm_head
-#: is that model (100 RoI proposals per image, each pooled and run through the head: 16 ms of CPU
-#: per request at batch 1 and at batch 4, benchmarks/RESULTS.md). Not the other step models:
-#: plannet_denoiser is per-call overhead bound (batching amortizes it; a second instance measured
-#: 9% slower) and the UNets are too large to hold twice (3.5 and 4.9 GB at paper size).
-DEFAULT_CPU_INSTANCES = {"radm_head": 2}
+#: is that model (100 RoI proposals per image, each pooled and run through the head: 16-19 ms of
+#: CPU per request at batch 1 and at batch 4, benchmarks/RESULTS.md). plannet_denoiser's cost is
+#: per call (batching amortizes it), but one instance's stub is then the serial part: at 4
+#: clients it kept 1.24 cores busy (587 requests/s against 406 at 1 client, 1.45x) and two
+#: instances 1.7 cores (699, 1.79x); at 1 client the second instance changed nothing beyond noise
+#: (391 vs 401). Its weights are small (99 MB at paper size). Not the UNets: too large to hold
+#: twice (3.5 and 4.9 GB at paper size).
+DEFAULT_CPU_INSTANCES = {"radm_head": 2, "plannet_denoiser": 2}
 
 
 @dataclass
