@@ -94,13 +94,15 @@ def test_cpu_flavor_is_the_python_backend_with_thread_parameters():
 
 
 def test_instance_counts_per_model():
-    """radm_head (cost linear in the batch) gets a second instance on the cpu flavor by default;
-    --instances sets every model, --model-instances one model over it."""
+    """radm_head (cost linear in the batch) and plannet_denoiser (one stub the serial part under
+    load) get a second instance on the cpu flavor by default; --instances sets every model,
+    --model-instances one model over it."""
     def count(name, **options):
         (group,) = parsed(resolved(name), mc.ServingOptions(**options)).instance_group
         return group.count
 
-    assert count("radm_head") == 2 and count("plannet_denoiser") == 1 and count("bg_unet") == 1
+    assert count("radm_head") == 2 and count("plannet_denoiser") == 2 and count("bg_unet") == 1
+    assert count("radm_text_encoder") == 1 and count("plannet_denoiser", flavor="gpu-trt") == 1
     assert count("radm_head", flavor="gpu-onnx") == 1
     assert count("radm_head", instances=1) == 1 and count("bg_unet", instances=3) == 3
     assert count("bg_unet", instances=3, model_instances={"bg_unet": 1}) == 1
