@@ -87,3 +87,15 @@ def test_op_profile_sums_the_steps_kernels_per_op_type(tiny_bundle, tmp_path):
     # the kernels ran inside the timed runs: their sum cannot exceed the runs' wall time
     assert 0 < result["kernel_ms_per_step"] <= max(result["step_wall_ms"])
     assert result["command"].startswith("python -m posterrt.benchmarks.op_profile")
+
+
+def test_plan_step_bench_times_the_embedded_loop(tiny_bundle, capsys):
+    from posterrt.benchmarks import plan_step
+
+    result = plan_step.measure(tiny_bundle, plans=2, warmup=1)
+    assert result["steps"] == Bundle(tiny_bundle).config["plannet"]["num_timesteps"]
+    assert result["gap_p50_us"] > 0 and result["model_call_p50_ms"] > 0
+    # the interval spans a call and the gap after it: their medians agree with it within rounding
+    assert result["interval_p50_ms"] == pytest.approx(result["model_call_p50_ms"] + result["gap_p50_us"] / 1e3, rel=0.2)
+    assert plan_step.main(["--bundle", str(tiny_bundle), "--plans", "1"]) == 0
+    assert "interval / call" in capsys.readouterr().out
