@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -79,59 +80,40 @@ class TimedBackend(Backend):
         with self._lock:
             self.calls.append((model, started, time.perf_counter() - started))
 
+    def _timed_loop(self, find, method: str, model: str):
+        """The server-side loop ``find()`` finds on the wrapped backend (None: the pipeline loops on
+        the client, as always without ``server_loops``), its one call ``method`` timed like a model
+        call of ``model``."""
+        loop = find() if self.server_loops else None
+        if loop is None:
+            return None
+        call = getattr(loop, method)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            result = call(*args, **kwargs)
+            self.record(model, started)
+            return result
+
+        return SimpleNamespace(**{method: timed})
+
     def server_loop(self):
         """What ``find_server_loop`` finds on the wrapped backend, timed like a model call."""
         from posterrt.runtime.triton.sampling_loop import MODEL_NAME, find_server_loop
 
-        loop = find_server_loop(self.inner) if self.server_loops else None
-        if loop is None:
-            return None
-        timed = self
-
-        class TimedLoop:
-            def sample(self, *args, **kwargs):
-                started = time.perf_counter()
-                tokens = loop.sample(*args, **kwargs)
-                timed.record(MODEL_NAME, started)
-                return tokens
-
-        return TimedLoop()
+        return self._timed_loop(lambda: find_server_loop(self.inner), "sample", MODEL_NAME)
 
     def unet_loop(self, unet: str):
         """What ``find_unet_loop`` finds on the wrapped backend, timed like a model call."""
         from posterrt.runtime.triton.unet_loop import find_unet_loop, loop_name
 
-        loop = find_unet_loop(self.inner, unet) if self.server_loops else None
-        if loop is None:
-            return None
-        timed = self
-
-        class TimedUnetLoop:
-            def denoise(self, *args, **kwargs):
-                started = time.perf_counter()
-                latents = loop.denoise(*args, **kwargs)
-                timed.record(loop_name(unet), started)
-                return latents
-
-        return TimedUnetLoop()
+        return self._timed_loop(lambda: find_unet_loop(self.inner, unet), "denoise", loop_name(unet))
 
     def radm_layout(self):
         """What ``find_radm_layout`` finds on the wrapped backend, timed like a model call."""
         from posterrt.runtime.triton.layout_loop import MODEL_NAME, find_radm_layout
 
-        stage = find_radm_layout(self.inner) if self.server_loops else None
-        if stage is None:
-            return None
-        timed = self
-
-        class TimedLayout:
-            def detect(self, *args, **kwargs):
-                started = time.perf_counter()
-                detections = stage.detect(*args, **kwargs)
-                timed.record(MODEL_NAME, started)
-                return detections
-
-        return TimedLayout()
+        return self._timed_loop(lambda: find_radm_layout(self.inner), "detect", MODEL_NAME)
 
     def _run(self, contract, inputs):  # run() is overridden; never reached
         raise AssertionError("TimedBackend forwards run()")

@@ -53,3 +53,48 @@ def start_server(repo: Path, **options) -> TritonServer:
     http, grpc, metrics = free_ports(3)
     options.setdefault("log", LogBuffer())
     return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **options).start()
+
+
+# --- Python-backend models in-process, with a stand-in for Triton's pb_utils --------------------
+class FakeTensor:
+    def __init__(self, name, array):
+        import numpy as np
+
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors}
+        self.error = error
+
+
+def fake_request(inputs: dict) -> dict:
+    """A request as the stand-in ``get_input_tensor_by_name`` reads it: {name: FakeTensor}."""
+    return {name: FakeTensor(name, array) for name, array in inputs.items()}
+
+
+def load_python_model(folder: Path):
+    """``folder/1/model.py`` (a repository's Python-backend model) loaded and initialized as Triton's
+    stub does it, with the config's parameters and a stand-in ``pb_utils``."""
+    import importlib.util
+    import json
+    import types
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    spec = importlib.util.spec_from_file_location(f"posterrt_{folder.name}_under_test", folder / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.pb_utils = types.SimpleNamespace(Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Exception,
+                                            get_input_tensor_by_name=lambda request, name: request.get(name))
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+    parameters = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": parameters}),
+                      "model_repository": str(folder), "model_version": "1"})
+    return model

@@ -4,10 +4,7 @@ tritonserver), answers a bad request alone, and is written into the repository w
 client checks before using it."""
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from posterrt.runtime.text import encode_lines
 from posterrt.runtime.triton import layout_loop as ll
 from posterrt.runtime.triton.repository import LAYOUT_LOOP_TEMPLATE, build_repository
 
-from helpers_triton import start_server
+from helpers_triton import FakeTensor, fake_request, load_python_model, start_server
 
 RADM = list(ll.MODELS)
 TEXTS = ["Fresh orange juice", "50% off today", "New"]
@@ -50,34 +47,9 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-class FakeTensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self):
-        return self.array
-
-
-class FakeResponse:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name: t.array for t in output_tensors}
-        self.error = error
-
-
 def load_stage_model(repo: Path):
-    """layout_loop.py loaded from the repository as Triton's stub loads it, with a stand-in pb_utils."""
-    folder = repo / ll.MODEL_NAME
-    spec = importlib.util.spec_from_file_location("posterrt_radm_layout_under_test", folder / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.pb_utils = types.SimpleNamespace(Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Exception,
-                                            get_input_tensor_by_name=lambda request, name: request.get(name))
-    config = read_config(folder)
-    parameters = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"parameters": parameters}),
-                      "model_repository": str(folder), "model_version": "1"})
-    return model
+    """layout_loop.py loaded from the repository as Triton's stub loads it."""
+    return load_python_model(repo / ll.MODEL_NAME)
 
 
 def read_config(folder: Path) -> pb.ModelConfig:
@@ -101,7 +73,7 @@ def stage_request(image, ids, attention, seed: int, steps: int, pad_lines: int =
     inputs = {"image": image[None], "input_ids": ids[None], "attention_mask": attention[None],
               "text_lines": np.array([lines], np.int64), "seed": np.array([seed], np.int64),
               "steps": np.array([steps], np.int64)}
-    return {name: FakeTensor(name, array) for name, array in inputs.items()}
+    return fake_request(inputs)
 
 
 def assert_same_detections(outputs: dict, row: int, expected) -> None:

@@ -4,10 +4,8 @@ stand-in for Triton's ``pb_utils``, then through a real tritonserver, in-process
 generator state it carries, the repository folder it is served from, and the serving defaults."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from posterrt.runtime.triton import model_config as mc
 from posterrt.runtime.triton import sampling_loop as sl
 from posterrt.runtime.triton.repository import SAMPLING_LOOP_TEMPLATE, build_repository
 
-from helpers_triton import export_served_bundle, start_server
+from helpers_triton import export_served_bundle, fake_request, load_python_model, start_server
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +104,6 @@ def test_bad_generator_states_are_refused():
 
 
 # --- the sampler model in-process, with a stand-in for pb_utils --------------------------------
-class FakeTensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self):
-        return self.array
-
-
-class FakeResponse:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name: t.array for t in output_tensors}
-        self.error = error
-
-
 @pytest.fixture(scope="module")
 def sampler_repo(bundle, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("sampler-repo") / "repo"
@@ -130,24 +114,13 @@ def sampler_repo(bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sampler_model(sampler_repo):
     """sampling_loop.py loaded from the repository as Triton's stub loads it."""
-    spec = importlib.util.spec_from_file_location("posterrt_sampler_under_test", sampler_repo / sl.MODEL_NAME / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.pb_utils = types.SimpleNamespace(Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Exception,
-                                            get_input_tensor_by_name=lambda request, name: request.get(name))
-    config = (sampler_repo / sl.MODEL_NAME / "config.pbtxt").read_text()
-    parameters = {k: {"string_value": v.string_value}
-                  for k, v in text_format.Parse(config, pb.ModelConfig()).parameters.items()}
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"parameters": parameters}),
-                      "model_repository": str(sampler_repo / sl.MODEL_NAME), "model_version": "1"})
-    return model
+    return load_python_model(sampler_repo / sl.MODEL_NAME)
 
 
 def sampler_request(memory, fixed, steps, generator) -> dict:
     inputs = {**memory, "fixed_tokens": fixed, "steps": np.full(len(fixed), steps, dtype=np.int64),
               "rng_state": sl.generator_state(generator)[None]}
-    return {name: FakeTensor(name, array) for name, array in inputs.items()}
+    return fake_request(inputs)
 
 
 @pytest.mark.parametrize("steps", [100, 7])

@@ -4,10 +4,8 @@ the client loop's latents for the same seed and scheduler (in-process with a sta
 and is written into the repository with the settings a client checks before using it."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from posterrt.runtime.triton import unet_loop as ul
 from posterrt.runtime.triton.repository import UNET_LOOP_TEMPLATE, build_repository
 from posterrt.runtime.triton.sampling_loop import generator_from_state, generator_state
 
-from helpers_triton import start_server
+from helpers_triton import FakeTensor, fake_request, load_python_model, start_server
 
 LOOPS = [ul.loop_name(unet) for unet in ul.UNET_FAMILIES]
 #: the stub and the client run the same ONNX file with the same ONNX Runtime and thread count;
@@ -55,33 +53,9 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-class FakeTensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self):
-        return self.array
-
-
-class FakeResponse:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name: t.array for t in output_tensors}
-        self.error = error
-
-
 def load_loop_model(repo: Path, name: str):
-    """unet_loop.py loaded from the repository as Triton's stub loads it, with a stand-in pb_utils."""
-    spec = importlib.util.spec_from_file_location(f"posterrt_{name}_under_test", repo / name / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.pb_utils = types.SimpleNamespace(Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Exception,
-                                            get_input_tensor_by_name=lambda request, name: request.get(name))
-    config = text_format.Parse((repo / name / "config.pbtxt").read_text(), pb.ModelConfig())
-    parameters = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"parameters": parameters}),
-                      "model_repository": str(repo / name), "model_version": "1"})
-    return model
+    """unet_loop.py loaded from the repository as Triton's stub loads it."""
+    return load_python_model(repo / name)
 
 
 def loop_case(bundle, unet: str, guidance: float, seed: int):
@@ -107,7 +81,7 @@ def loop_request(fixed, latents, steps, guidance, scheduler_name, generator) -> 
               "steps": np.array([steps], np.int64), "guidance": np.array([guidance], np.float32),
               "scheduler": np.array([list(SCHEDULERS).index(scheduler_name)], np.int64),
               "rng_state": generator_state(generator)[None]}
-    return {name: FakeTensor(name, array) for name, array in inputs.items()}
+    return fake_request(inputs)
 
 
 @pytest.mark.parametrize("unet", list(ul.UNET_FAMILIES))

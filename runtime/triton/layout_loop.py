@@ -31,7 +31,8 @@ import numpy as np
 
 from posterrt.runtime.contracts import PROLOGUE, ModelContract, TensorSpec, dim_range, get_contract, validate_inputs
 from posterrt.runtime.schedulers.radm import Detections
-from posterrt.runtime.triton.sampling_loop import RequestError, infer_first, is_triton_backend, serves_model
+from posterrt.runtime.triton.sampling_loop import (RequestError, error_response, infer_first, is_triton_backend,
+                                                   request_inputs, serves_model)
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -140,19 +141,13 @@ class TritonPythonModel:
         responses = []
         for request in requests:  # no dynamic batching: each request's rows run one after another
             try:
-                inputs = {}
-                for name in self.contract.input_names:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is None:
-                        raise RequestError(f"model {MODEL_NAME!r}: missing input {name!r}")
-                    inputs[name] = tensor.as_numpy()
+                inputs = request_inputs(pb_utils, request, self.contract)
                 validate_inputs(self.contract, inputs)
                 outputs = pad_detections([detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))])
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
             except Exception as error:  # this request fails; the others are served
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__)))
+                responses.append(error_response(pb_utils, error))
         return responses
 
     def finalize(self):

@@ -233,6 +233,16 @@ def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions, 
     return ModelReport(sampling_loop.MODEL_NAME, folder, True, variant=served)
 
 
+def _loop_options(options: ServingOptions, loop: str, costly: ModelContract) -> ServingOptions:
+    """Serving options for a server-side loop: one request is one whole loop (nothing to batch), and
+    its cost is ``costly``'s calls, so its threads and instances follow that model's unless given for
+    the loop itself."""
+    threads = options.model_threads.get(loop, options.model_threads.get(costly.name, options.intra_op_threads))
+    instances = options.model_instances.get(loop, options.instance_count(costly))
+    return replace(options, dynamic_batching=False, model_threads={**options.model_threads, loop: threads},
+                   model_instances={**options.model_instances, loop: instances})
+
+
 def _write_unet_loop(bundle: Bundle, unet: str, folder: Path, options: ServingOptions,
                      variant: str | None = None) -> ModelReport:
     """``<unet>_sampler``: runtime/triton/unet_loop.py with the file the served ``unet`` runs (the
@@ -250,14 +260,8 @@ def _write_unet_loop(bundle: Bundle, unet: str, folder: Path, options: ServingOp
                   unet_loop.SCHEDULERS_PARAMETER: ",".join(settings["schedulers"]),
                   unet_loop.SETTINGS_SHA256_PARAMETER: unet_loop.settings_sha256(settings),
                   unet_loop.UNET_CALL_PARAMETER: call, **_variant_parameters(served)}
-    # One request is one whole loop: nothing to batch. The loop's cost is its UNet calls, so its
-    # threads and instances follow the UNet's unless given for the loop itself.
-    unet_contract = bundle.contract(unet)
-    threads = options.model_threads.get(contract.name, options.model_threads.get(unet, options.intra_op_threads))
-    instances = options.model_instances.get(contract.name, options.instance_count(unet_contract))
-    loop_options = replace(options, dynamic_batching=False,
-                           model_threads={**options.model_threads, contract.name: threads},
-                           model_instances={**options.model_instances, contract.name: instances})
+    # The loop's cost is its UNet calls.
+    loop_options = _loop_options(options, contract.name, bundle.contract(unet))
     version = folder / VERSION
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, loop_options, parameters)))
@@ -278,14 +282,8 @@ def _write_layout_loop(bundle: Bundle, folder: Path, options: ServingOptions, va
     parameters = {CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION,
                   layout_loop.SETTINGS_SHA256_PARAMETER: layout_loop.settings_sha256(bundle),
                   layout_loop.VARIANTS_PARAMETER: json.dumps(served, sort_keys=True)}
-    # One request is one layout; its cost is radm_head's, so threads and instances follow the
-    # head's unless given for the stage itself.
-    head = bundle.contract("radm_head")
-    threads = options.model_threads.get(contract.name, options.model_threads.get(head.name, options.intra_op_threads))
-    instances = options.model_instances.get(contract.name, options.instance_count(head))
-    stage_options = replace(options, dynamic_batching=False,
-                            model_threads={**options.model_threads, contract.name: threads},
-                            model_instances={**options.model_instances, contract.name: instances})
+    # One request is one layout; its cost is radm_head's.
+    stage_options = _loop_options(options, contract.name, bundle.contract("radm_head"))
     version = folder / VERSION
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, stage_options, parameters)))

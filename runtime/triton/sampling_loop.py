@@ -101,6 +101,23 @@ class RequestError(Exception):
     """A request the sampler cannot serve; answered on that request only."""
 
 
+def request_inputs(pb_utils, request, contract: ModelContract) -> dict[str, np.ndarray]:
+    """A request's tensors by the contract's input names (the server-side loops' common first step);
+    ``pb_utils`` is the calling stub's module (tests hand the stubs a stand-in)."""
+    inputs = {}
+    for name in contract.input_names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise RequestError(f"model {contract.name!r}: missing input {name!r}")
+        inputs[name] = tensor.as_numpy()
+    return inputs
+
+
+def error_response(pb_utils, error: Exception):
+    """The response that fails one request with ``error``'s message."""
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__))
+
+
 def check_request(contract: ModelContract, sampler: PlanNetSampler, inputs: dict) -> list[np.random.Generator]:
     """Contract checks plus what the contract cannot say; returns each row's generator."""
     validate_inputs(contract, inputs)
@@ -205,22 +222,17 @@ class TritonPythonModel:
         valid = []
         for index, request in enumerate(requests):
             try:
-                inputs = {}
-                for name in self.contract.input_names:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is None:
-                        raise RequestError(f"model {MODEL_NAME!r}: missing input {name!r}")
-                    inputs[name] = tensor.as_numpy()
+                inputs = request_inputs(pb_utils, request, self.contract)
                 valid.append((index, inputs, check_request(self.contract, self.sampler, inputs)))
             except Exception as error:  # this request is bad; the others are served
-                responses[index] = error_response(error)
+                responses[index] = error_response(pb_utils, error)
         for group in loop_groups(valid):
             try:
                 results = run_loop(self.sampler, self.denoiser, [inputs for _, inputs, _ in group],
                                    [generators for _, _, generators in group])
             except Exception as error:
                 for index, _, _ in group:
-                    responses[index] = error_response(error)
+                    responses[index] = error_response(pb_utils, error)
                 continue
             for (index, _, generators), tokens in zip(group, results):
                 states = np.stack([generator_state(g) for g in generators])
@@ -230,10 +242,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.denoiser = None
-
-
-def error_response(error: Exception):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__))
 
 
 # -- the client half -------------------------------------------------------------------------

@@ -34,9 +34,9 @@ import numpy as np
 from posterrt.runtime.contracts import ModelContract, TensorSpec, get_contract, validate_inputs
 from posterrt.runtime.errors import BackendError
 from posterrt.runtime.schedulers import SCHEDULERS, get_scheduler
-from posterrt.runtime.triton.sampling_loop import (RNG_WORDS, RequestError, generator_from_state,
-                                                   generator_state, infer_first, is_triton_backend, serves_model,
-                                                   set_generator_state)
+from posterrt.runtime.triton.sampling_loop import (RNG_WORDS, RequestError, error_response, generator_from_state,
+                                                   generator_state, infer_first, is_triton_backend, request_inputs,
+                                                   serves_model, set_generator_state)
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -175,20 +175,14 @@ class TritonPythonModel:
         responses = []
         for request in requests:  # no dynamic batching: each request's rows run one after another
             try:
-                inputs = {}
-                for name in self.contract.input_names:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is None:
-                        raise RequestError(f"model {self.contract.name!r}: missing input {name!r}")
-                    inputs[name] = tensor.as_numpy()
+                inputs = request_inputs(pb_utils, request, self.contract)
                 validate_inputs(self.contract, inputs)
                 rows = [run_row(self.engine, self.unet, self.settings, inputs, row) for row in range(len(inputs["steps"]))]
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("denoised", np.concatenate([latents for latents, _ in rows])),
                     pb_utils.Tensor("final_rng_state", np.stack([state for _, state in rows]))]))
             except Exception as error:  # this request fails; the others are served
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__)))
+                responses.append(error_response(pb_utils, error))
         return responses
 
     def finalize(self):
