@@ -173,3 +173,36 @@ def test_non_finite_logits_are_refused_but_minus_infinity_is_probability_zero():
     broken[0, 2, 3] = -np.inf
     with pytest.raises(ContractError, match="no finite logit"):
         PlanNetSampler(config).sample(lambda t, s: broken, 1, np.random.default_rng(0), steps=1)
+
+
+def test_levels_that_reveal_nothing_call_no_denoiser_and_each_token_reads_its_own_levels_logits():
+    """The denoiser runs only at levels where some token is revealed, and every token takes its x0
+    from the call at its own reveal level: the logits encode the level (argmax bin = level mod the
+    attribute's ids), temperature 0, and the reveal schedule is replayed from the same seed (at
+    temperature 0 the reveal uniforms are the generator's only draws)."""
+    from posterrt.runtime.schedulers.plannet import plannet_levels
+
+    config = _config(num_timesteps=40, max_elements=3)
+    sampler = PlanNetSampler(config)
+    ids = np.array([config.pad_class + 1] + [config.num_bins] * 4)  # valid ids per attribute
+    calls = []
+
+    def denoise(tokens, timestep):
+        calls.append(float(timestep[0]))
+        logits = np.zeros((len(tokens), config.max_elements, 5, config.num_bins), np.float32)
+        for attribute in range(5):
+            logits[:, :, attribute, int(timestep[0]) % ids[attribute]] = 1.0
+        return logits
+
+    seed, steps = int(np.random.default_rng().integers(1 << 30)), 40
+    tokens = sampler.sample(denoise, 1, np.random.default_rng(seed), steps=steps, temperature=0)
+    levels = plannet_levels(config.num_timesteps, steps)
+    free = np.arange(config.max_elements * 5)
+    schedule = sampler._reveal_schedule(free, levels, np.random.default_rng(seed))
+    revealing = [step for step in range(steps) if schedule[step].size]
+    assert calls == [float(levels[step]) for step in revealing]
+    assert len(calls) < steps, "some level reveals nothing here (15 tokens over 40 levels)"
+    flat = tokens.reshape(-1)
+    for step in revealing:
+        for position in schedule[step]:
+            assert flat[position] == int(levels[step]) % ids[position % 5], (step, position)
