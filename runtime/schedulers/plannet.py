@@ -184,6 +184,7 @@ class PlanNetSampler:
             schedules.append(self._reveal_schedule(free, levels, row_generator))
             noise.append(self._noisy_bias(free, temperature, row_generator))
         timesteps = np.repeat(levels[:-1, None], batch_size, axis=1).astype(np.float32)  # [steps, B], made once
+        drawn = []  # the scores of every draw, checked once after the loop (_check_draws)
         for step in range(steps):
             revealing = [row for row in range(batch_size) if schedules[row][step].size]
             if not revealing:  # this level reveals no token: its logits would not be read, so no call
@@ -191,8 +192,11 @@ class PlanNetSampler:
             logits = self._checked_logits(denoise(tokens.copy(), timesteps[step]))
             for row in revealing:
                 revealed = schedules[row][step]
-                flat[row, revealed] = self._draw_x0(logits[row].reshape(flat.shape[1], cfg.num_bins),
-                                                    revealed, temperature, noise[row])
+                scores = self._draw_scores(logits[row].reshape(flat.shape[1], cfg.num_bins), revealed, temperature,
+                                           noise[row])
+                flat[row, revealed] = scores.argmax(axis=1)
+                drawn.append(scores)
+        self._check_draws(drawn)
         assert not (tokens == cfg.mask_token).any(), "the last level (0) reveals every token"
         return tokens
 
@@ -233,19 +237,26 @@ class PlanNetSampler:
         noisy[free] += generator.gumbel(size=(free.size, self.config.num_bins))
         return noisy
 
-    def _draw_x0(self, logits: np.ndarray, revealed: np.ndarray, temperature: float,
-                 noisy_bias: np.ndarray) -> np.ndarray:
-        """x0 of the ``revealed`` tokens of one row, from its logits [E * 5, K] (only those rows are
-        read) and ``_noisy_bias``: a draw from softmax(logits / temperature), the argmax at 0."""
+    def _draw_scores(self, logits: np.ndarray, revealed: np.ndarray, temperature: float,
+                     noisy_bias: np.ndarray) -> np.ndarray:
+        """The scores whose argmax per row is the x0 of each ``revealed`` token of one row: from its
+        logits [E * 5, K] (only those rows are read) and ``_noisy_bias``, a draw from
+        softmax(logits / temperature), the argmax at 0."""
         scores = noisy_bias[revealed]  # float64, a copy; the class's invalid ids at -inf
         scores += logits[revealed] if temperature in (0, 1) else np.true_divide(logits[revealed], temperature,
                                                                                 dtype=np.float64)
-        # -inf is a logit of probability 0; a NaN (max propagates it), +inf or a row without a finite
-        # logit is an error. The sum of the rows' maxima is finite exactly when each is (NaN and
-        # infinities propagate; float64 cannot overflow on float32 logits), in one numpy call.
-        if not math.isfinite(scores.max(axis=1).sum()):
+        return scores
+
+    @staticmethod
+    def _check_draws(drawn: list[np.ndarray]) -> None:
+        """-inf is a logit of probability 0; a NaN, +inf or a row without a finite logit among the
+        rows drawn from is an error. Checked once after the loop, over every draw's scores (the noise
+        is finite, so it changes neither), rather than per step: a small reduction right after a
+        model call costs ~12 us on caches the model evicted, 5% of a tiny 0.8 ms step. The sum of
+        the rows' maxima is finite exactly when each is (NaN and infinities propagate; float64
+        cannot overflow on float32 logits)."""
+        if drawn and not math.isfinite(np.concatenate(drawn).max(axis=1).sum()):
             raise ContractError("plannet denoiser: returned NaN, +Inf or no finite logit for a token being revealed")
-        return scores.argmax(axis=1)
 
     def _checked_fixed(self, fixed_tokens: np.ndarray, batch_size: int) -> np.ndarray:
         cfg = self.config
