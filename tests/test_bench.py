@@ -93,7 +93,8 @@ def test_plan_step_bench_times_the_embedded_loop(tiny_bundle, capsys):
     from posterrt.benchmarks import plan_step
 
     result = plan_step.measure(tiny_bundle, plans=2, warmup=1)
-    assert result["steps"] == Bundle(tiny_bundle).config["plannet"]["num_timesteps"]
+    # one denoiser call per level that reveals a token: at most one per level
+    assert 1 < result["steps"] <= Bundle(tiny_bundle).config["plannet"]["num_timesteps"]
     assert result["gap_p50_us"] > 0 and result["model_call_p50_ms"] > 0
     # the interval spans a call and the gap after it: their medians agree with it within rounding
     assert result["interval_p50_ms"] == pytest.approx(result["model_call_p50_ms"] + result["gap_p50_us"] / 1e3, rel=0.2)
