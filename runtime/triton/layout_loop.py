@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from posterrt.runtime.contracts import PROLOGUE, ModelContract, TensorSpec, dim_range, get_contract, validate_inputs
+from posterrt.runtime.contracts import PROLOGUE, ModelContract, TensorSpec, dim_range, get_contract
 from posterrt.runtime.schedulers.radm import Detections
-from posterrt.runtime.triton.sampling_loop import (RequestError, error_response, infer_first, is_triton_backend,
-                                                   request_inputs, serves_model)
+from posterrt.runtime.triton.sampling_loop import (RequestError, answer_each, infer_first, is_triton_backend,
+                                                   serves_model)
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -137,18 +137,9 @@ class TritonPythonModel:
         self.layout = RADMLayout(backend, progress=False, server_layout=False)
         self.contract = layout_contract(static_dims(bundle))
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:  # no dynamic batching: each request's rows run one after another
-            try:
-                inputs = request_inputs(pb_utils, request, self.contract)
-                validate_inputs(self.contract, inputs)
-                outputs = pad_detections([detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))])
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
-            except Exception as error:  # this request fails; the others are served
-                responses.append(error_response(pb_utils, error))
-        return responses
+    def execute(self, requests):  # no dynamic batching: each request's rows run one after another
+        return answer_each(pb_utils, requests, self.contract, lambda inputs: pad_detections(
+            [detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))]))
 
     def finalize(self):
         self.layout = None

@@ -113,6 +113,24 @@ def request_inputs(pb_utils, request, contract: ModelContract) -> dict[str, np.n
     return inputs
 
 
+def answer_each(pb_utils, requests, contract: ModelContract, run) -> list:
+    """One response per request, in order, for a model that serves requests one at a time:
+    ``run(inputs) -> {output name: array}`` on each request's validated inputs. A request that
+    lacks an input, fails validation or whose run raises gets its error alone; the others are
+    served."""
+    responses = []
+    for request in requests:
+        try:
+            inputs = request_inputs(pb_utils, request, contract)
+            validate_inputs(contract, inputs)
+            outputs = run(inputs)
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
+        except Exception as error:
+            responses.append(error_response(pb_utils, error))
+    return responses
+
+
 def error_response(pb_utils, error: Exception):
     """The response that fails one request with ``error``'s message."""
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__))

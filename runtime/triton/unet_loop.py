@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from posterrt.runtime.contracts import ModelContract, TensorSpec, get_contract, validate_inputs
+from posterrt.runtime.contracts import ModelContract, TensorSpec, get_contract
 from posterrt.runtime.errors import BackendError
 from posterrt.runtime.schedulers import SCHEDULERS, get_scheduler
-from posterrt.runtime.triton.sampling_loop import (RNG_WORDS, RequestError, error_response, generator_from_state,
-                                                   generator_state, infer_first, is_triton_backend, request_inputs,
-                                                   serves_model, set_generator_state)
+from posterrt.runtime.triton.sampling_loop import (RNG_WORDS, RequestError, answer_each, generator_from_state,
+                                                   generator_state, infer_first, is_triton_backend, serves_model,
+                                                   set_generator_state)
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -171,19 +171,13 @@ class TritonPythonModel:
         outputs = list(unet_contract.output_names)
         self.engine = _BlsUnet(outputs) if call == "bls" else _InProcessUnet(open_model(folder, parameters), outputs)
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:  # no dynamic batching: each request's rows run one after another
-            try:
-                inputs = request_inputs(pb_utils, request, self.contract)
-                validate_inputs(self.contract, inputs)
-                rows = [run_row(self.engine, self.unet, self.settings, inputs, row) for row in range(len(inputs["steps"]))]
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("denoised", np.concatenate([latents for latents, _ in rows])),
-                    pb_utils.Tensor("final_rng_state", np.stack([state for _, state in rows]))]))
-            except Exception as error:  # this request fails; the others are served
-                responses.append(error_response(pb_utils, error))
-        return responses
+    def execute(self, requests):  # no dynamic batching: each request's rows run one after another
+        return answer_each(pb_utils, requests, self.contract, self.denoise_rows)
+
+    def denoise_rows(self, inputs: dict) -> dict:
+        rows = [run_row(self.engine, self.unet, self.settings, inputs, row) for row in range(len(inputs["steps"]))]
+        return {"denoised": np.concatenate([latents for latents, _ in rows]),
+                "final_rng_state": np.stack([state for _, state in rows])}
 
     def finalize(self):
         self.engine = None
