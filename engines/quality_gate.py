@@ -34,11 +34,12 @@ import numpy as np
 from posterrt.runtime.bundle import Bundle
 from posterrt.runtime.contracts import ModelContract
 from posterrt.runtime.errors import ParityError
+from posterrt.runtime.families import unet_families
 from posterrt.runtime.samples import default_sizes, sample_inputs
 from posterrt.runtime.schedulers import DDIMScheduler, batch_for_guidance, combine_guidance
 
 #: Which family config (scheduler, guidance scale) drives each UNet-class step model.
-UNET_FAMILY = {"bg_unet": "stable_diffusion", "render_unet": "rendernet"}
+UNET_FAMILY = {unet: family.config_key for unet, family in unet_families().items()}
 GATE_SEEDS = (0,)  # requests the gate judges on
 CALIBRATION_SEED = 1000  # first seed of the calibration requests (never a gate seed)
 GATE_STEPS = 6  # DDIM steps of the gate's loop: early (noisy) to late (clean) timesteps

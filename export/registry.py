@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-from posterrt.runtime.contracts import MODEL_NAMES, parse_model_list
+from posterrt.runtime import families
+from posterrt.runtime.contracts import parse_model_list
 from posterrt.runtime.errors import InputError
 
-# family module (in posterrt.export.networks) -> the served models it builds
-FAMILIES = {
-    "radm": ("radm_backbone", "radm_text_encoder", "radm_head"),
-    "plannet": ("plannet_encoder", "plannet_denoiser"),
-    "stable_diffusion": ("clip_text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "bg_unet"),
-    "rendernet": ("render_condition", "render_unet"),
-}
+#: family module (in posterrt.export.networks) -> the served models it builds (runtime/families.py)
+FAMILIES = {name: family.models for name, family in families.FAMILIES.items()}
+MODEL_FAMILY = families.MODEL_FAMILY
 PRESETS = ("tiny", "paper")
-
-MODEL_FAMILY = {model: family for family, models in FAMILIES.items() for model in models}
-assert set(MODEL_FAMILY) == set(MODEL_NAMES), "every served model has exactly one family"
 
 
 def family_module(family: str):

@@ -29,6 +29,7 @@ from torch import nn
 
 from posterrt.runtime.contracts import ModelContract, get_contract
 from posterrt.runtime.errors import CheckpointError, InputError
+from posterrt.runtime.families import FAMILIES
 
 from .. import tokenizers
 from ..checkpoints import read_state_dict
@@ -37,7 +38,7 @@ from . import sd_pretrained
 from .adapters import (ADAPTER_KWARG, AdapterInputs, ImagePromptProjection, install_adapters,
                        load_image_projection, load_unet_adapters)
 
-MODELS = ("clip_text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "bg_unet")
+MODELS = FAMILIES["stable_diffusion"].models
 ADAPTER_CHECKPOINT = "bg_adapter"  # --checkpoint bg_adapter=PATH
 TOKENIZER_ASSET = "clip_tokenizer"
 UNET_IN_CHANNELS = 9  # noisy latent 4 + mask 1 + masked-image latent 4 (SD inpainting)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..backends.base import Backend
 from ..errors import InputError
+from ..families import FAMILIES
 from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
 from ..triton.unet_loop import find_unet_loop
@@ -19,7 +20,7 @@ from .diffusion import PromptEncoder, decode, denoise, family_config, initial_la
 from .request import PosterRequest, PosterResult
 from .stages import Stages
 
-MODELS = ("clip_text_encoder", "image_encoder", "vae_encoder", "bg_unet", "vae_decoder")
+MODELS = FAMILIES["stable_diffusion"].stage_models
 #: Steps when the request names none, for bundles whose config should not decide: the tiny
 #: preset holds random weights for tests and demos, where only speed matters.
 PRESET_STEPS = {"tiny": 4}

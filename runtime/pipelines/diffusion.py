@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..errors import BundleError
+from ..families import FAMILIES
 from ..schedulers import batch_for_guidance, combine_guidance
 from ..text import encode_prompt, load_tokenizer
 
@@ -25,7 +26,8 @@ def stage_rng(seed: int, stage: str) -> np.random.Generator:
 
 
 def family_config(backend: Backend, family: str) -> dict:
-    config = backend.bundle.config.get(family)
+    """The settings of ``family`` (a name in runtime/families.py) in the backend's bundle."""
+    config = backend.bundle.config.get(FAMILIES[family].config_key)
     if config is None:
         raise BundleError(f"bundle {backend.bundle.root}: the manifest has no config for {family!r}; export its models "
                           f"into this bundle")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..compose import assign_texts, compose_poster
+from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten
 from ..schedulers.radm import Detections, RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
@@ -20,7 +21,7 @@ from .diffusion import family_config, run_side_by_side, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest, PosterResult
 from .stages import Stages
 
-MODELS = ("radm_backbone", "radm_text_encoder", "radm_head")
+MODELS = FAMILIES["radm"].stage_models
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..errors import InputError
+from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten, resize_rgb
 from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from ..text import encode_lines, load_tokenizer
@@ -20,7 +21,7 @@ from ..triton.sampling_loop import find_server_loop
 from .diffusion import family_config, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest
 
-MODELS = ("plannet_encoder", "plannet_denoiser")
+MODELS = FAMILIES["plannet"].stage_models
 
 
 class PlanNetPlanner:

@@ -13,6 +13,7 @@ from PIL import Image
 from ..backends.base import Backend
 from ..compose import assign_texts, compose_poster
 from ..errors import InputError
+from ..families import FAMILIES
 from ..images import mask_box
 from ..schedulers import batch_for_guidance, get_scheduler
 from ..triton.unet_loop import find_unet_loop
@@ -22,7 +23,7 @@ from .plan import PlanNetPlanner
 from .request import LayoutElement, PosterRequest, PosterResult
 from .stages import Stages
 
-MODELS = ("clip_text_encoder", "render_condition", "render_unet", "vae_decoder")
+MODELS = FAMILIES["rendernet"].stage_models
 STAGES = ("plan", "render", "compose")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from posterrt.runtime.contracts import PROLOGUE, ModelContract, TensorSpec, dim_range, get_contract
+from posterrt.runtime.families import FAMILIES
 from posterrt.runtime.schedulers.radm import Detections
 from posterrt.runtime.triton.sampling_loop import (RequestError, answer_each, infer_first, is_triton_backend,
                                                    serves_model)
@@ -40,9 +41,9 @@ except ImportError:  # imported outside Triton: the client half, or unit tests
     pb_utils = None
 
 MODEL_NAME = "radm_layout"
-FAMILY = "radm"
+FAMILY = FAMILIES["radm"].config_key
 #: the bundle models the stage runs
-MODELS = ("radm_backbone", "radm_text_encoder", "radm_head")
+MODELS = FAMILIES["radm"].models
 #: the small bundle beside model.py (manifest, assets, links to the three models' files)
 BUNDLE_FOLDER = "bundle"
 SETTINGS_SHA256_PARAMETER = "posterrt_layout_sha256"

@@ -37,6 +37,7 @@ from ..backends.openvino import is_openvino_ir
 from ..bundle import MANIFEST, Bundle, confined_path, sha256_file
 from ..contracts import CONTRACT_VERSION, ModelContract, dim_range, is_dynamic
 from ..errors import BundleError, InputError
+from ..families import family_of
 from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, ServingOptions,
                            build_model_config, contract_max_request_bytes, to_pbtxt)
 
@@ -228,7 +229,8 @@ def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions, 
     (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, options, parameters)))
     shutil.copyfile(SAMPLING_LOOP_TEMPLATE, version / "model.py")
     _link_model_files(bundle, sampling_loop.DENOISER, variant, version, served_as=sampling_loop.DENOISER_FILE)
-    settings = {"plannet": bundle.config.get("plannet", {}), "static_dims": entry.static_dims}
+    settings = {"plannet": bundle.config.get(family_of(sampling_loop.DENOISER).config_key, {}),
+                "static_dims": entry.static_dims}
     (version / sampling_loop.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     return ModelReport(sampling_loop.MODEL_NAME, folder, True, variant=served)
 
@@ -313,13 +315,8 @@ def loop_models() -> dict[str, tuple[str, ...]]:
 
 
 def _loop_family(loop: str) -> str:
-    from . import layout_loop, sampling_loop, unet_loop
-
-    if loop == sampling_loop.MODEL_NAME:
-        return "plannet"
-    if loop == layout_loop.MODEL_NAME:
-        return layout_loop.FAMILY
-    return unet_loop.UNET_FAMILIES[loop_models()[loop][0]]
+    """The config key of the family whose settings ``loop`` runs with."""
+    return family_of(loop_models()[loop][-1]).config_key
 
 
 def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:

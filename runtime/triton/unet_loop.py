@@ -33,6 +33,7 @@ import numpy as np
 
 from posterrt.runtime.contracts import ModelContract, TensorSpec, get_contract
 from posterrt.runtime.errors import BackendError
+from posterrt.runtime.families import unet_families
 from posterrt.runtime.schedulers import SCHEDULERS, get_scheduler
 from posterrt.runtime.triton.sampling_loop import (RNG_WORDS, RequestError, answer_each, generator_from_state,
                                                    generator_state, infer_first, is_triton_backend, serves_model,
@@ -43,8 +44,8 @@ try:
 except ImportError:  # imported outside Triton: the client half, or unit tests
     pb_utils = None
 
-#: UNet -> the bundle config family whose ``scheduler`` settings its pipeline samples with
-UNET_FAMILIES = {"bg_unet": "stable_diffusion", "render_unet": "rendernet"}
+#: UNet -> the bundle config key whose ``scheduler`` settings its pipeline samples with
+UNET_FAMILIES = {unet: family.config_key for unet, family in unet_families().items()}
 PER_STEP_INPUTS = ("sample", "timestep")
 SETTINGS_FILE = "sampler.json"
 UNET_CALL_PARAMETER = "unet_call"
