@@ -13,7 +13,7 @@ COMMANDS = {
     "export": ("posterrt.export.cli", "export served models to an ONNX bundle with a parity report (needs torch)"),
     "generate": ("posterrt.runtime.commands.generate", "make a poster (or a layout / background / render) from a product image"),
     "demo": ("posterrt.runtime.commands.demo", "build the tiny bundle if absent and make a poster from a bundled product"),
-    "repo": ("posterrt.runtime.commands.repo", "build a Triton model repository from a bundle"),
+    "repo": ("posterrt.runtime.commands.repo", "build a Triton model repository from a bundle, push it to an object store, reload a fleet"),
     "serve": ("posterrt.runtime.commands.serve", "start tritonserver on a model repository (127.0.0.1)"),
     "engines": ("posterrt.engines.cli", "build TensorRT engines from a bundle, refit them, inspect manifests"),
     "bench": ("posterrt.benchmarks.cli", "benchmark models, stages and serving; write JSON, tables, plots"),

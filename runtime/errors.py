@@ -31,3 +31,8 @@ class BackendError(PosterRTError):
 
 class ParityError(PosterRTError):
     """An exported or optimized model does not match its reference within tolerance."""
+
+
+class StoreError(PosterRTError):
+    """An object store cannot be reached, refuses the credentials, lacks the bucket or holds no
+    complete repository; or a push to it stopped half-way."""

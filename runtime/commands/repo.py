@@ -1,10 +1,12 @@
-"""`posterrt repo build`: a Triton model repository from a bundle (see model_repository/README.md)."""
+"""`posterrt repo build`: a Triton model repository from a bundle (see model_repository/README.md); `repo push`
+and `repo reload` (an object-store repository rolled out to a fleet) live in commands/store.py."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..errors import InputError
+from . import store as store_commands
 from ..triton.model_config import FLAVORS, GPU_ACCELERATORS, TRT_PRECISIONS
 
 
@@ -67,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how <unet>_sampler runs its UNet: in its own stub (a second copy of the weights) or "
                             "through BLS calls to the served UNet (default auto: in-process up to 1 GB of weights)")
     build.add_argument("--client-bundle", help="also write the client's half of the bundle (manifest + tokenizers) here")
+    store_commands.add_arguments(sub)
 
 
 def _model_counts(text: str | None, flag: str) -> dict[str, int]:
@@ -82,6 +85,14 @@ def _model_counts(text: str | None, flag: str) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "push":
+        return store_commands.run_push(args)
+    if args.action == "reload":
+        return store_commands.run_reload(args)
+    return build(args)
+
+
+def build(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..contracts import parse_variant_list
     from ..triton.model_config import ServingOptions
