@@ -17,6 +17,9 @@ LOWER, HIGHER = "lower", "higher"
 class Tally:
     total: float = 0.0
     count: int = 0
+    #: False where the metric's input (image, saliency) was missing, as opposed to present with
+    #: nothing to count: a script that prints 0 for the latter never ran without its input.
+    measured: bool = True
 
     @classmethod
     def mean_of_one(cls, value: float) -> "Tally":
@@ -29,10 +32,11 @@ class Tally:
         return self.total / self.count if self.count else None
 
     def __add__(self, other: "Tally") -> "Tally":
-        return Tally(self.total + other.total, self.count + other.count)
+        return Tally(self.total + other.total, self.count + other.count, self.measured or other.measured)
 
 
 UNDEFINED = Tally()
+NOT_MEASURED = Tally(measured=False)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,14 @@ class MetricInfo:
     needs: str  # "boxes", "image" (the canvas's pixels) or "saliency"
     mean_over: str  # what the set mean averages: "layouts", "elements", "pairs", "underlays", "text boxes"
     summary: str
+    #: The set mean where nothing was counted: None (undefined) for posterrt; a benchmark script
+    #: that prints 0 there has 0.
+    empty_value: float | None = None
+
+    def set_mean(self, total: Tally) -> float | None:
+        if total.count:
+            return total.value
+        return self.empty_value if total.measured else None
 
     def __post_init__(self):
         assert self.better in (LOWER, HIGHER), self.better

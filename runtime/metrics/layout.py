@@ -20,6 +20,7 @@ from ..errors import InputError
 
 #: RADM predicts the first four; PlanNet also places the product.
 LAYOUT_CLASSES = ("logo", "text", "underlay", "embellishment", "product")
+LOGO = "logo"
 TEXT = "text"
 UNDERLAY = "underlay"
 EMBELLISHMENT = "embellishment"

@@ -12,33 +12,18 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from . import layoutgan, posterlayout, radm
 from .base import LOWER, MetricInfo, Tally
-from .canvas import canvas_gray
 from .layout import Layout, load_layout, parse_layout
-from .saliency import resolve
+from .protocols import DEFAULT_PROTOCOL, PROTOCOLS, Fields, evaluate_layout, protocol_named
 
-FAMILIES = (posterlayout, radm, layoutgan)
-#: Every metric by report key, in table order.
-METRICS: dict[str, MetricInfo] = {info.name: info for family in FAMILIES for info in family.METRICS}
-
-
-def evaluate_layout(layout: Layout, gray: np.ndarray | None = None,
-                    saliency: np.ndarray | None = None) -> dict[str, Tally]:
-    """Every metric's tally for one layout. ``gray``: canvas 0..255, ``saliency``: 0..1, both
-    ``[height, width]``; metrics that need a missing one come back undefined."""
-    for name, array in (("gray", gray), ("saliency", saliency)):
-        assert array is None or array.shape == (layout.height, layout.width), (name, array.shape)
-    tallies: dict[str, Tally] = {}
-    for family in FAMILIES:
-        tallies.update(family.evaluate(layout, gray=gray, saliency=saliency))
-    assert tallies.keys() == METRICS.keys()
-    return tallies
+#: Every metric of the default (posterrt) protocol by report key, in table order.
+METRICS: dict[str, MetricInfo] = PROTOCOLS[DEFAULT_PROTOCOL].metrics
 
 
-def summarize(per_layout: Iterable[Mapping[str, Tally]]) -> dict[str, Tally]:
-    """Tallies added over layouts: ``.value`` is each paper's set mean, ``.count`` what it averaged."""
-    totals = {name: Tally() for name in METRICS}
+def summarize(per_layout: Iterable[Mapping[str, Tally]], names: Iterable[str] = METRICS) -> dict[str, Tally]:
+    """Tallies added over layouts: ``.value`` is each paper's set mean, ``.count`` what it averaged.
+    ``names``: the metrics of the protocol that made the tallies (posterrt's by default)."""
+    totals = {name: Tally(measured=False) for name in names}
     for tallies in per_layout:
         for name, tally in tallies.items():
             totals[name] = totals[name] + tally
@@ -65,25 +50,31 @@ def _aligned(values: Sequence | None, count: int, name: str) -> list:
 
 
 def layout_metrics(layouts: Sequence, images: Sequence | None = None, saliency: Sequence | None = None,
-                   masks: Sequence | None = None) -> dict[str, float]:
+                   masks: Sequence | None = None, protocol: str = DEFAULT_PROTOCOL) -> dict[str, float]:
     """Set means of every metric that is defined on at least one layout.
 
-    ``layouts``: Layout objects, layout JSON objects or paths. ``images``, ``saliency``, ``masks``:
-    one entry per layout (or None): a path, a PIL image or an array. Images are the canvases the
-    layouts were made for (RGB uint8 or gray), saliency maps 0..255 (or float 0..1), masks white =
-    product. Without saliency, the stand-in comes from the mask or the layout's product boxes.
+    ``layouts``: Layout objects, layout JSON objects or paths (:func:`~.batch.batch_layouts` makes
+    them from a benchmark's arrays). ``images``, ``saliency``, ``masks``: one entry per layout (or
+    None): a path, a PIL image or an array; a saliency entry may also be a list of maps, whose
+    element-wise max is used. Images are the canvases the layouts were made for (RGB uint8 or gray),
+    saliency maps 0..255 (or float 0..1 under ``posterrt``), masks white = product. ``protocol``:
+    ``posterrt`` (corrected definitions), ``posterlayout`` or ``radm`` (the benchmark scripts'
+    computations, quirks included; see docs/metrics.md). Under ``posterrt``, without saliency the
+    stand-in comes from the mask or the layout's product boxes.
     """
+    chosen = protocol_named(protocol, "protocol")
     layouts = [_as_layout(item, index) for index, item in enumerate(layouts)]
     images = _aligned(images, len(layouts), "images")
     saliency = _aligned(saliency, len(layouts), "saliency")
     masks = _aligned(masks, len(layouts), "masks")
     per_layout = []
     for index, layout in enumerate(layouts):
-        gray = None if images[index] is None else canvas_gray(images[index], layout, f"images[{index}]")
-        salient = resolve(layout, saliency[index], masks[index],
-                          map_field=f"saliency[{index}]", mask_field=f"masks[{index}]")
-        per_layout.append(evaluate_layout(layout, gray, salient.values))
-    return {name: tally.value for name, tally in summarize(per_layout).items() if tally.value is not None}
+        maps = saliency[index]
+        maps = [] if maps is None else list(maps) if isinstance(maps, (list, tuple)) else [maps]
+        fields = Fields(f"images[{index}]", f"saliency[{index}]", f"masks[{index}]")
+        per_layout.append(chosen.evaluate(layout, images[index], maps, masks[index], fields).tallies)
+    means = chosen.set_means(summarize(per_layout, chosen.metrics))
+    return {name: mean for name, mean in means.items() if mean is not None}
 
 
 @dataclass(frozen=True)
@@ -116,9 +107,10 @@ class MetricDelta:
 def compare_layout_metrics(reference: Mapping[str, float], candidate: Mapping[str, float]) -> dict[str, MetricDelta]:
     """Per metric present in either set of means (from :func:`layout_metrics`), the change from
     ``reference`` to ``candidate`` and whether it is for the worse."""
-    names = [name for name in METRICS if name in reference or name in candidate]
-    unknown = sorted((set(reference) | set(candidate)) - set(METRICS))
+    known = {name: info for protocol in PROTOCOLS.values() for name, info in protocol.metrics.items()}
+    names = [name for name in known if name in reference or name in candidate]
+    unknown = sorted((set(reference) | set(candidate)) - set(known))
     if unknown:
         raise InputError(f"compare_layout_metrics: unknown metric {unknown[0]!r}, expected keys from layout_metrics "
                          f"such as {next(iter(METRICS))!r}")
-    return {name: MetricDelta(reference.get(name), candidate.get(name), METRICS[name].better) for name in names}
+    return {name: MetricDelta(reference.get(name), candidate.get(name), known[name].better) for name in names}
