@@ -36,11 +36,25 @@ class TensorRTMissing(PosterRTError):
     """TensorRT's Python package is not importable here."""
 
 
+#: TensorRT majors posterrt builds with: 10.x opts in to strong typing with the STRONGLY_TYPED flag
+#: (and has OnnxParserRefitter since 10.0); 11.x is always strongly typed and accepts the flag.
+SUPPORTED_TENSORRT = (10, 11)
+INSTALL_HINT = "pip install tensorrt on a machine with an NVIDIA GPU"
+
+
 def import_tensorrt():
+    """TensorRT's module, or one line saying why not. ``tensorrt-stubs`` alone makes ``import
+    tensorrt`` succeed (a namespace package of .pyi files, no ``Builder``): that is not TensorRT."""
     try:
         import tensorrt
     except ImportError:
-        raise TensorRTMissing("TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU)") from None
+        raise TensorRTMissing(f"TensorRT is not installed ({INSTALL_HINT})") from None
+    version = getattr(tensorrt, "__version__", None)
+    if version is None or not hasattr(tensorrt, "Builder"):
+        raise TensorRTMissing(f"TensorRT is not installed, only its type stubs ({INSTALL_HINT})")
+    if int(version.split(".")[0]) not in SUPPORTED_TENSORRT:
+        raise TensorRTMissing(f"TensorRT {version} is installed; posterrt builds with TensorRT "
+                              f"{' or '.join(f'{major}.x' for major in SUPPORTED_TENSORRT)}")
     return tensorrt
 
 

@@ -116,14 +116,13 @@ def _refit(args) -> int:
 
 
 def _show(args) -> int:
+    from .build import TensorRTMissing, import_tensorrt
     from .manifest import EngineError, check_engine_compatible, current_gpu, read_manifest
 
     manifest = read_manifest(args.engines)
     try:
-        import tensorrt
-
-        here = (current_gpu(), tensorrt.__version__)
-    except (ImportError, EngineError):
+        here = (current_gpu(), import_tensorrt().__version__)
+    except (TensorRTMissing, EngineError):
         here = None
     for name, entry in sorted(manifest["engines"].items()):
         status = "cannot check here (no TensorRT or GPU)"

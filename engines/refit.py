@@ -33,8 +33,7 @@ def refit_weights(trt, engine, onnx_path: Path, logger) -> int:
     refitter = trt.Refitter(engine, logger)
     parser_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not parser_refitter.refit_from_file(str(onnx_path)):
-        count = getattr(parser_refitter, "num_errors", 0)
-        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(count)) or "no details"
+        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)) or "no details"
         raise EngineError(f"the ONNX {onnx_path.name} does not fit the engine's weights: {errors} "
                           f"(was it exported from another graph? a refit only changes weights)")
     missing = list(refitter.get_missing_weights())

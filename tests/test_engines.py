@@ -24,8 +24,10 @@ from posterrt.engines.manifest import (EngineError, GpuInfo, check_engine_compat
 from posterrt.engines.precision import convert_precision, fp32_node_names
 from posterrt.runtime.contracts import CONTRACTS, DYNAMIC_DIMS, MODEL_NAMES, DimRange, _parse_symbol
 from posterrt.runtime.errors import ContractError, InputError
+from trt_standin import StubMismatch, standin
 
 BUNDLE_MODELS = ["plannet_denoiser", "vae_decoder", "bg_unet"]
+TRT_VERSION = "10.13.0.35"  # the version of tensorrt-stubs the stand-in is held to
 
 
 def resolved(name, value=3):
@@ -400,156 +402,12 @@ def test_clean_command_writes_models_and_report(bundle, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Build and refit up to TensorRT: a stand-in `tensorrt` module that records what it is told
+# Build and refit up to TensorRT: a stand-in `tensorrt` module held to TensorRT's stubs
+# (tests/trt_standin.py) that records what it is told
 # ---------------------------------------------------------------------------------------------
-def fake_tensorrt(version="10.9.0.34"):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.calls = calls = {"configs": [], "refits": []}
-
-    class Severity(enum.Enum):
-        VERBOSE, INFO, WARNING, ERROR = range(4)
-
-    class ILogger:
-        def __init__(self):
-            pass
-
-    ILogger.Severity = Severity
-    trt.ILogger = ILogger
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 5})
-    trt.BuilderFlag = enum.Enum("BuilderFlag", ["TF32", "REFIT", "FP16"])
-    trt.MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE"])
-
-    class Input:
-        def __init__(self, name):
-            self.name = name
-
-    class Network:
-        def __init__(self, flags):
-            self.flags, self.inputs = flags, []
-
-        num_inputs = property(lambda self: len(self.inputs))
-
-        def get_input(self, index):
-            return Input(self.inputs[index])
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.num_errors = network, 0
-
-        def parse_from_file(self, path):
-            model = onnx.load(path)  # the real prepared file: its inputs are what TensorRT would see
-            self.network.inputs = [i.name for i in model.graph.input]
-            self.network.onnx_path, self.network.model = path, model
-            return True
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, low, opt, high):
-            self.shapes[name] = (list(low), list(opt), list(high))
-
-    class TimingCache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return self.data + b"+"
-
-    class Config:
-        def __init__(self):
-            self.flags, self.pools, self.profiles = {trt.BuilderFlag.TF32}, {}, []
-            self.builder_optimization_level = None
-            calls["configs"].append(self)
-
-        def set_memory_pool_limit(self, pool, size):
-            self.pools[pool] = size
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def clear_flag(self, flag):
-            self.flags.discard(flag)
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile)
-
-        def create_timing_cache(self, data):
-            return TimingCache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            return Network(flags)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            precision = {t.data_type for t in network.model.graph.initializer}
-            logger_ok = self.logger.log(Severity.INFO, "building") is None
-            return json.dumps({"inputs": network.inputs, "flags": network.flags, "initializer_types": sorted(precision),
-                               "logger": logger_ok}).encode()
-
-    class Engine:
-        def __init__(self, plan):
-            self.plan = json.loads(plan)
-
-        def serialize(self):
-            return json.dumps(self.plan).encode()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine(data)
-
-    class Refitter:
-        def __init__(self, engine, logger):
-            self.engine = engine
-
-        def get_missing_weights(self):
-            return []
-
-        def get_all_weights(self):
-            return ["w"] * 7
-
-        def refit_cuda_engine(self):
-            self.engine.plan["refitted_from"] = self.source
-            return True
-
-    class OnnxParserRefitter:
-        def __init__(self, refitter, logger):
-            self.refitter, self.num_errors = refitter, 0
-
-        def refit_from_file(self, path):
-            model = onnx.load(path)
-            self.refitter.source = sorted({t.data_type for t in model.graph.initializer})
-            calls["refits"].append(path)
-            return True
-
-    for cls in (Builder, OnnxParser, Runtime, Refitter, OnnxParserRefitter):
-        setattr(trt, cls.__name__, cls)
-    return trt
-
-
 @pytest.fixture
 def fake_trt(monkeypatch):
-    trt = fake_tensorrt()
+    trt = standin(TRT_VERSION)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr("posterrt.engines.build.current_gpu", lambda: H100)
     monkeypatch.setattr("posterrt.engines.refit.current_gpu", lambda: H100)
@@ -565,7 +423,7 @@ def built(bundle, tmp_path_factory):
     from posterrt.engines.build import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("built")
-    trt = fake_tensorrt()
+    trt = standin(TRT_VERSION)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", trt)
         patch.setattr("posterrt.engines.build.current_gpu", lambda: H100)
@@ -582,22 +440,23 @@ def test_build_passes_profile_precision_and_options(built, bundle):
     assert len(configs) == 2
     for config, model in zip(configs, ("vae_decoder", "bg_unet")):
         expected = profiles.model_profile(Bundle(bundle).contract(model), profiles.parse_shapes(SHAPES))
-        (profile,) = config.profiles
-        assert profile.shapes == {n: (s["min"], s["opt"], s["max"]) for n, s in expected.items()}
-        assert config.pools == {trt.MemoryPoolType.WORKSPACE: int(1.5 * (1 << 30))}
+        assert config.num_optimization_profiles == 1
+        (profile,) = config._profiles
+        assert {n: profile.get_shape(n) for n in expected} == {n: (s["min"], s["opt"], s["max"]) for n, s in expected.items()}
+        assert config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) == int(1.5 * (1 << 30))
         assert config.builder_optimization_level == 5
-        assert trt.BuilderFlag.FP16 not in config.flags  # strongly typed, no weak-typing flags
-        assert trt.BuilderFlag.TF32 in config.flags  # left on below fp32
-        assert (trt.BuilderFlag.REFIT in config.flags) == (model == "bg_unet")
+        assert not config.get_flag(trt.BuilderFlag.FP16)  # strongly typed, no weak-typing flags
+        assert config.get_flag(trt.BuilderFlag.TF32)  # left on below fp32
+        assert config.get_flag(trt.BuilderFlag.REFIT) == (model == "bg_unet")
     plan = json.loads((out / "bg_unet.plan").read_bytes())
-    assert plan["flags"] == 1 << 5  # STRONGLY_TYPED
+    assert plan["network_flags"] == 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 2  # the stubs' value
     assert plan["inputs"] == list(CONTRACTS["bg_unet"].input_names)
     assert onnx.TensorProto.FLOAT16 in plan["initializer_types"]  # the fp16 ONNX reached the parser
-    assert plan["logger"] and "[INFO] building" in (out / "bg_unet.build.log").read_text()
+    assert "[INFO] building" in (out / "bg_unet.build.log").read_text()
 
     entry = manifest["engines"]["bg_unet"]
     assert entry["source_onnx_sha256"] == Bundle(bundle).models["bg_unet"].sha256
-    assert entry["gpu"]["compute_capability"] == "9.0" and entry["tensorrt_version"] == "10.9.0.34"
+    assert entry["gpu"]["compute_capability"] == "9.0" and entry["tensorrt_version"] == TRT_VERSION
     assert entry["ranges"]["height"] == {"min": 512, "opt": 512, "max": 768}
     assert entry["build_options"]["refittable"] and entry["build_options"]["opt_level"] == 5
     assert "dead_node_elimination" in entry["onnx_prepare"]["skipped_optimizations"]  # refit-safe clean-up
@@ -615,7 +474,7 @@ def test_fp32_build_reuses_the_timing_cache_and_turns_tf32_off(fake_trt, built, 
     build_engines(bundle, tmp_path, ["vae_decoder"], BuildOptions(precision="fp32", timing_cache=cache), progress=False)
     assert cache.read_bytes() == b"+++"  # read, extended, written back
     (config,) = fake_trt.calls["configs"]
-    assert fake_trt.BuilderFlag.TF32 not in config.flags and fake_trt.BuilderFlag.REFIT not in config.flags
+    assert not config.get_flag(fake_trt.BuilderFlag.TF32) and not config.get_flag(fake_trt.BuilderFlag.REFIT)
     assert onnx.TensorProto.FLOAT16 not in json.loads((tmp_path / "vae_decoder.plan").read_bytes())["initializer_types"]
 
 
@@ -635,11 +494,42 @@ def test_refit_maps_the_new_onnx_with_the_recorded_precision(fake_trt, built, bu
     assert len(read_manifest(engines)["engines"]["bg_unet"]["refits"]) == 1
     with pytest.raises(EngineError, match="built without REFIT"):
         refit_engine(engines / "vae_decoder.plan", Bundle(bundle).model_path("vae_decoder"))
-    fake_trt.__version__ = "10.13.0.35"
-    with pytest.raises(EngineError, match="built with TensorRT 10.9.0.34"):
+    fake_trt.__version__ = "10.14.1.48"
+    with pytest.raises(EngineError, match=f"built with TensorRT {TRT_VERSION}"):
         refit_engine(engines / "bg_unet.plan", new_onnx)
     with pytest.raises(EngineError, match="lists no such plan"):
         refit_engine(engines / "timing.cache", new_onnx)
+
+
+def test_build_and_refit_on_tensorrt_11(bundle, tmp_path, monkeypatch):
+    """TensorRT 11: strongly typed always (the flag is accepted), the weak-typing flags gone. The
+    same code path builds and refits; the stand-in refuses any removed flag it would touch."""
+    from posterrt.engines.build import BuildOptions, build_engines
+    from posterrt.engines.refit import refit_engine
+    from posterrt.runtime.bundle import Bundle
+
+    trt = standin("11.4.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr("posterrt.engines.build.current_gpu", lambda: H100)
+    monkeypatch.setattr("posterrt.engines.refit.current_gpu", lambda: H100)
+    manifest = build_engines(bundle, tmp_path, ["bg_unet"], BuildOptions(precision="fp16"), progress=False)
+    assert manifest["engines"]["bg_unet"]["tensorrt_version"] == "11.4.0.106"
+    (config,) = trt.calls["configs"]
+    assert config.get_flag(trt.BuilderFlag.REFIT) and config.get_flag(trt.BuilderFlag.TF32)
+    refit_engine(tmp_path / "bg_unet.plan", Bundle(bundle).model_path("bg_unet"))
+    assert json.loads((tmp_path / "bg_unet.plan").read_bytes())["refitted_from"]
+
+
+@pytest.mark.parametrize("module, message", [
+    (types.ModuleType("tensorrt"), "TensorRT is not installed, only its type stubs"),  # tensorrt-stubs alone
+    (standin("8.6.1"), "TensorRT 8.6.1 is installed; posterrt builds with TensorRT 10.x or 11.x"),
+])
+def test_tensorrt_that_cannot_build_is_named(monkeypatch, module, message):
+    from posterrt.engines.build import TensorRTMissing, import_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    with pytest.raises(TensorRTMissing, match=re.escape(message)):
+        import_tensorrt()
 
 
 def test_build_options_are_validated():
@@ -733,7 +623,7 @@ def test_build_command_end_to_end_with_the_stand_in(fake_trt, bundle, tmp_path, 
     assert code == 0
     assert "vae_decoder" in capsys.readouterr().out
     (config,) = fake_trt.calls["configs"]
-    assert config.profiles[0].shapes["latent"] == ([1, 4, 64, 64], [1, 4, 64, 96], [2, 4, 64, 128])
+    assert config._profiles[0].get_shape("latent") == ([1, 4, 64, 64], [1, 4, 64, 96], [2, 4, 64, 128])
     entry = read_manifest(out)["engines"]["vae_decoder"]
     assert entry["precision"] == "fp32" and not entry["build_options"]["refittable"]
     assert main(["engines", "build", "--bundle", str(bundle), "--out", str(out), "--shapes", "height=100"]) == 2
