@@ -282,7 +282,7 @@ def test_server_start_errors(repo, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         TritonServer(tmp_path / "nowhere")
     with pytest.raises(InputError, match="--model-control"):
-        TritonServer(repo, model_control="poll")
+        TritonServer(repo, model_control="sometimes")
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()

@@ -21,10 +21,14 @@
   below ``timeout_s`` so that a hung server among several costs one attempt, not the request;
 * at connect, every model each server serves is checked against the bundle: tensor names,
   datatypes and shapes against the contract, and the ONNX hash the repository recorded against
-  the bundle's manifest. A mismatch fails at once, naming the model and the tensor.
+  the bundle's manifest. A mismatch fails at once, naming the model and the tensor;
+* the checks follow rolling updates: an answer from a model version not checked yet (a server
+  reloaded from the store, ``posterrt repo reload``) has that version checked first, and
+  ``Server.answered_versions`` counts the answers of each (model, version).
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import itertools
 import threading
@@ -157,6 +161,8 @@ class Server:
     last_error: str = ""  # why the last request failed here
     answered: int = 0  # requests this server answered (for logs and tests)
     failures: int = 0  # requests that failed here and went to another server
+    verified: set = field(default_factory=set)  # (model, version) checked against the bundle
+    answered_versions: collections.Counter = field(default_factory=collections.Counter)  # (model, version) -> answers
 
 
 def parse_urls(urls: str | Sequence[str]) -> list[tuple[str, str, str]]:
@@ -228,13 +234,13 @@ class TritonBackend(Backend):
         self._connect(list(models) if models is not None else None, verify)
 
     # -- connect-time checks --------------------------------------------------------------------
-    def _metadata(self, server: Server, model: str, seconds: float) -> tuple[dict, dict]:
+    def _metadata(self, server: Server, model: str, seconds: float, version: str = "") -> tuple[dict, dict]:
         with server.connections.client() as client:
             if server.scheme == "grpc":
-                return (bounded_call("grpc", client.get_model_metadata, seconds, model, as_json=True),
-                        bounded_call("grpc", client.get_model_config, seconds, model, as_json=True)["config"])
-            return (bounded_call("http", client.get_model_metadata, seconds, model),
-                    bounded_call("http", client.get_model_config, seconds, model))
+                return (bounded_call("grpc", client.get_model_metadata, seconds, model, version, as_json=True),
+                        bounded_call("grpc", client.get_model_config, seconds, model, version, as_json=True)["config"])
+            return (bounded_call("http", client.get_model_metadata, seconds, model, version),
+                    bounded_call("http", client.get_model_config, seconds, model, version))
 
     def _ready_models(self, server: Server, seconds: float) -> set[str]:
         with server.connections.client() as client:
@@ -260,11 +266,12 @@ class TritonBackend(Backend):
                     self._verify(server, model)
                 server.models.add(model)
 
-    def _verify(self, server: Server, model: str, seconds: float | None = None) -> None:
-        """The server's view of ``model`` must be the bundle's contract and weights."""
+    def _verify(self, server: Server, model: str, seconds: float | None = None, version: str = "") -> None:
+        """The server's view of ``model`` (its latest version, or ``version``) must be the bundle's
+        contract and weights."""
         contract = self.contract(model)
-        metadata, config = self._metadata(server, model, self.timeout_s if seconds is None else seconds)
-        where = f"Triton server {server.url} model {model!r}"
+        metadata, config = self._metadata(server, model, self.timeout_s if seconds is None else seconds, version)
+        where = f"Triton server {server.url} model {model!r}" + (f" version {version}" if version else "")
         for kind, specs in (("input", contract.inputs), ("output", contract.outputs)):
             served = {t["name"]: t for t in metadata.get(kind + "s", [])}
             if set(served) != {s.name for s in specs}:
@@ -281,6 +288,25 @@ class TritonBackend(Backend):
         if served_hash and served_hash != expected_hash:
             raise BackendError(f"{where}: serves weights {served_hash[:12]}..., the bundle has {expected_hash[:12]}...; "
                                f"the repository was built from another export")
+        checked = version or max(metadata.get("versions") or ["1"], key=int)
+        with self._lock:
+            server.verified.add((model, str(checked)))
+
+    def _follow_version(self, server: Server, model: str, result, seconds: float) -> None:
+        """Count an answer under its model version; a version not checked yet (a rolling update
+        reached this server) is checked against the bundle before its answer is used."""
+        response = result.get_response()
+        version = str(response.get("model_version", "") if isinstance(response, dict) else response.model_version)
+        if self.verify and version and (model, version) not in server.verified:
+            try:
+                self._verify(server, model, max(seconds, HEALTH_CHECK_TIMEOUT_S), version)
+            except (BackendError, ContractError):
+                raise
+            except Exception as error:  # the version went away while we asked: try another server
+                raise ServerUnavailable(f"version {version} of {model!r} could not be checked: {_describe(error)}") \
+                    from None
+        with self._lock:
+            server.answered_versions[(model, version)] += 1
 
     # -- server choice ------------------------------------------------------------------------
     def _mark_down(self, server: Server, reason: str) -> None:
@@ -409,11 +435,13 @@ class TritonBackend(Backend):
 
     def _call(self, server: Server, client, model: str, infer_inputs, requested, seconds: float):
         try:
-            return bounded_call(server.scheme, client.infer, seconds, model, infer_inputs, outputs=requested)
+            result = bounded_call(server.scheme, client.infer, seconds, model, infer_inputs, outputs=requested)
         except Exception as error:
             if _retryable(error):
                 raise ServerUnavailable(_describe(error)) from None
             raise BackendError(f"Triton server {server.url} refused model {model!r} request: {_describe(error)}") from None
+        self._follow_version(server, model, result, seconds)
+        return result
 
     def _use_shm(self, nbytes: int) -> bool:
         return self._shm is not None and nbytes >= self.shm_threshold_bytes

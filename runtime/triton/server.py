@@ -10,6 +10,10 @@ environment (and so onnxruntime, numpy and posterrt) the same way ``python`` wou
 ``TritonServer`` is a context manager used by ``posterrt serve`` and by the tests: it checks the
 ports, starts the process in its own process group, forwards its log (prefixed), waits until every
 model is ready, and stops it with SIGTERM (SIGKILL after a grace period).
+
+The repository is a local folder or an object-store URL (``s3://BUCKET/PREFIX``, see store.py):
+tritonserver reads S3 itself, with the AWS credentials of its environment; the store is checked
+first so that a wrong URL, key or bucket is one clear line rather than a failed start.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BackendError, InputError
+from .store import StoreStatus, check_store, is_store_url, parse_store_url
 
-MODEL_CONTROL_MODES = ("none", "explicit")
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 LOG_PREFIX = "[tritonserver] "
 # Triton's log lines start with a severity letter and a date: "E1125 12:45:58.186259 ..."
 _ERROR_LINE = re.compile(r"^E\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*(.*)$")
@@ -141,15 +146,22 @@ class TritonServer:
     def __init__(self, repo: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, model_control: str = "none",
                  log: Callable[[str], None] | None = log_to_stderr, ready_timeout_s: float = 180.0,
-                 exit_timeout_s: int = 10, extra_args: tuple[str, ...] = (), start_attempts: int = 3):
-        self.repo = Path(repo).resolve()
-        if not self.repo.is_dir():
+                 exit_timeout_s: int = 10, extra_args: tuple[str, ...] = (), start_attempts: int = 3,
+                 endpoint_url: str | None = None, poll_interval_s: int = 15):
+        self.store = parse_store_url(str(repo), endpoint_url) if is_store_url(str(repo)) else None
+        self.store_status: StoreStatus | None = None  # filled by start() for a store
+        self.repo = self.store.triton_url if self.store else Path(repo).resolve()
+        if self.store is None and not self.repo.is_dir():
             raise InputError(f"--repo: model repository {self.repo} does not exist; build it with `posterrt repo build`")
+        if endpoint_url and self.store is None:
+            raise InputError(f"--endpoint-url: only a repository in an object store (s3://...) has an endpoint, "
+                             f"got --repo {repo}")
         if model_control not in MODEL_CONTROL_MODES:
             raise InputError(f"--model-control: {model_control!r} is not one of {', '.join(MODEL_CONTROL_MODES)}")
         self.host = host
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.model_control = model_control
+        self.poll_interval_s = int(poll_interval_s)
         self.log = log
         self.ready_timeout_s = ready_timeout_s
         self.exit_timeout_s = exit_timeout_s
@@ -191,6 +203,8 @@ class TritonServer:
                 f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0"]
         if self.model_control == "explicit":
             args.append("--load-model=*")  # explicit mode still starts with every model loaded
+        if self.model_control == "poll":
+            args.append(f"--repository-poll-secs={self.poll_interval_s}")
         for endpoint, port in self.ports.items():
             args += [f"--{endpoint}-address={self.host}", f"--{endpoint}-port={port}"]
         return args + list(self.extra_args)
@@ -202,6 +216,12 @@ class TritonServer:
             if port_in_use(self.host, port):
                 raise BackendError(f"--{endpoint}-port: port {port} on {self.host} is in use "
                                    f"(another server?); choose another port")
+        if self.store is not None:
+            self.store_status = check_store(self.store)
+            if self.store_status.pending and self.log is not None:
+                self.log("a push stopped half-way left newer versions that are not served: " + ", ".join(
+                    f"{m} v{v} (serving v{self.store_status.live[m]})" for m, v in self.store_status.pending.items())
+                    + "; rerun `posterrt repo push` to finish it")
         for attempt in range(1, self.start_attempts + 1):
             self._spawn(distribution)
             try:
