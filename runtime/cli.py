@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("posterrt.runtime.commands.demo", "build the tiny bundle if absent and make a poster from a bundled product"),
     "repo": ("posterrt.runtime.commands.repo", "build a Triton model repository from a bundle, push it to an object store, reload a fleet"),
     "serve": ("posterrt.runtime.commands.serve", "start tritonserver on a model repository (127.0.0.1)"),
+    "deploy": ("posterrt.runtime.commands.deploy", "write Kubernetes manifests for a Triton fleet serving an object-store repository"),
     "engines": ("posterrt.engines.cli", "build TensorRT engines from a bundle, refit them, inspect manifests"),
     "bench": ("posterrt.benchmarks.cli", "benchmark models, stages and serving; write JSON, tables, plots"),
     "eval-layout": ("posterrt.runtime.commands.eval_layout", "layout quality metrics over generated layouts"),
