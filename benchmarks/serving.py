@@ -19,7 +19,6 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -80,40 +79,20 @@ class TimedBackend(Backend):
         with self._lock:
             self.calls.append((model, started, time.perf_counter() - started))
 
-    def _timed_loop(self, find, method: str, model: str):
-        """The server-side loop ``find()`` finds on the wrapped backend (None: the pipeline loops on
-        the client, as always without ``server_loops``), its one call ``method`` timed like a model
-        call of ``model``."""
-        loop = find() if self.server_loops else None
-        if loop is None:
+    def server_stage(self, name: str):
+        """The wrapped backend's server stage ``name`` (None: the pipeline loops on the client, as
+        always without ``server_loops``), its one call timed like a model call of ``name``."""
+        stage = self.inner.server_stage(name) if self.server_loops else None
+        if stage is None:
             return None
-        call = getattr(loop, method)
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
-            result = call(*args, **kwargs)
-            self.record(model, started)
+            result = stage(*args, **kwargs)
+            self.record(name, started)
             return result
 
-        return SimpleNamespace(**{method: timed})
-
-    def server_loop(self):
-        """What ``find_server_loop`` finds on the wrapped backend, timed like a model call."""
-        from posterrt.runtime.triton.sampling_loop import MODEL_NAME, find_server_loop
-
-        return self._timed_loop(lambda: find_server_loop(self.inner), "sample", MODEL_NAME)
-
-    def unet_loop(self, unet: str):
-        """What ``find_unet_loop`` finds on the wrapped backend, timed like a model call."""
-        from posterrt.runtime.triton.unet_loop import find_unet_loop, loop_name
-
-        return self._timed_loop(lambda: find_unet_loop(self.inner, unet), "denoise", loop_name(unet))
-
-    def radm_layout(self):
-        """What ``find_radm_layout`` finds on the wrapped backend, timed like a model call."""
-        from posterrt.runtime.triton.layout_loop import MODEL_NAME, find_radm_layout
-
-        return self._timed_loop(lambda: find_radm_layout(self.inner), "detect", MODEL_NAME)
+        return timed
 
     def _run(self, contract, inputs):  # run() is overridden; never reached
         raise AssertionError("TimedBackend forwards run()")
@@ -380,7 +359,8 @@ def bench_plan_loops(results: dict, bundle: Bundle, stack: ExitStack, workdir: P
 
     from posterrt.runtime.pipelines.diffusion import stage_rng
     from posterrt.runtime.pipelines.plan import PlanNetPlanner
-    from posterrt.runtime.triton import sampling_loop as sl
+    from posterrt.runtime.server_stages import plannet as plannet_stage
+    from posterrt.runtime.triton.stubs import plannet_sampler as sl
     from posterrt.runtime.triton.model import session_options
 
     models = ["plannet_encoder", "plannet_denoiser"]
@@ -415,13 +395,13 @@ def bench_plan_loops(results: dict, bundle: Bundle, stack: ExitStack, workdir: P
         "in-process loop, IO binding (server code)": in_process(sl.InProcessDenoiser(session, planner.sampler.config.num_bins)),
         "in-process loop, session.run per step": in_process(PlainDenoiser()),
     }
-    plan_models = models + [sl.MODEL_NAME]
+    plan_models = models + [plannet_stage.NAME]
     for call in ("in-process", "bls"):
-        options = serving_options(intra_op_threads=threads, extra_parameters={sl.DENOISER_CALL_PARAMETER: call})
+        options = serving_options(intra_op_threads=threads, extra_parameters={plannet_stage.MODEL_CALL_PARAMETER: call})
         server = start_server(stack, bundle, workdir, f"plan-{call}", options, models=plan_models)
         backend = stack.enter_context(open_backend(bundle, server.grpc_url, models=models))
         served = PlanNetPlanner(backend, progress=False)
-        assert served.server_loop is not None, f"the {call} server offers {sl.MODEL_NAME}"
+        assert served.server_loop is not None, f"the {call} server offers {plannet_stage.NAME}"
         candidates[f"triton-grpc: server loop, {call}"] = lambda served=served: served(request)
         if call == "in-process":
             client = PlanNetPlanner(backend, progress=False, server_loop=False)

@@ -19,14 +19,15 @@ def test_lists_elsewhere_derive_from_the_table():
     from posterrt.engines.quality_gate import UNET_FAMILY
     from posterrt.export.registry import FAMILIES as EXPORTED, family_module
     from posterrt.runtime.pipelines import background, layout, plan, render
-    from posterrt.runtime.triton import layout_loop, unet_loop
+    from posterrt.runtime.server_stages import SERVER_STAGES
 
     assert EXPORTED == {name: family.models for name, family in FAMILIES.items()}
     for name in FAMILIES:  # each family has its export module
         assert callable(family_module(name).build)
-    assert UNET_FAMILY == unet_loop.UNET_FAMILIES == {"bg_unet": "stable_diffusion", "render_unet": "rendernet"}
+    assert UNET_FAMILY == {"bg_unet": "stable_diffusion", "render_unet": "rendernet"}
     assert set(unet_families()) == {"bg_unet", "render_unet"}
-    assert layout.MODELS == layout_loop.MODELS == FAMILIES["radm"].models
+    assert layout.MODELS == SERVER_STAGES["radm_layout"].models == FAMILIES["radm"].models
+    assert {stage.models for stage in SERVER_STAGES.values() if stage.stub == "unet_sampler"} == {("bg_unet",), ("render_unet",)}
     assert set(background.MODELS) == set(FAMILIES["stable_diffusion"].models)
     assert set(render.MODELS) == {"clip_text_encoder", "render_condition", "render_unet", "vae_decoder"}
     assert plan.MODELS == ("plannet_encoder", "plannet_denoiser")

@@ -16,12 +16,15 @@ from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.bundle import Bundle
 from posterrt.runtime.pipelines.layout import RADMLayout
 from posterrt.runtime.text import encode_lines
-from posterrt.runtime.triton import layout_loop as ll
-from posterrt.runtime.triton.repository import LAYOUT_LOOP_TEMPLATE, build_repository
+from posterrt.runtime.families import FAMILIES
+from posterrt.runtime.server_stages import BUNDLE_FOLDER, SERVER_STAGES
+from posterrt.runtime.server_stages import radm_layout as ll
+from posterrt.runtime.triton.model_config import STAGE_SHA256_PARAMETER
+from posterrt.runtime.triton.repository import STUBS, build_repository
 
 from helpers_triton import FakeTensor, fake_request, load_python_model, start_server
 
-RADM = list(ll.MODELS)
+RADM = list(FAMILIES["radm"].models)
 TEXTS = ["Fresh orange juice", "50% off today", "New"]
 
 
@@ -39,7 +42,7 @@ def embedded(bundle):
 @pytest.fixture(scope="module")
 def stage_repo(bundle, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("layout-loop-repo") / "repo"
-    build_repository(bundle, repo, models=[ll.MODEL_NAME])
+    build_repository(bundle, repo, models=[ll.NAME])
     return repo
 
 
@@ -48,8 +51,8 @@ def fresh_seed() -> int:
 
 
 def load_stage_model(repo: Path):
-    """layout_loop.py loaded from the repository as Triton's stub loads it."""
-    return load_python_model(repo / ll.MODEL_NAME)
+    """The stub loaded from the repository as Triton loads it."""
+    return load_python_model(repo / ll.NAME)
 
 
 def read_config(folder: Path) -> pb.ModelConfig:
@@ -126,27 +129,27 @@ def test_a_bad_request_is_answered_alone(stage_repo, embedded):
 
 # --- the repository folder --------------------------------------------------------------------
 def test_stage_folder(bundle, stage_repo):
-    folder = stage_repo / ll.MODEL_NAME
+    folder = stage_repo / ll.NAME
     version = folder / "1"
-    assert (version / "model.py").read_text() == LAYOUT_LOOP_TEMPLATE.read_text()
-    small = Bundle(version / ll.BUNDLE_FOLDER)
+    assert (version / "model.py").read_text() == (STUBS / "radm_layout.py").read_text()
+    small = Bundle(version / BUNDLE_FOLDER)
     assert small.manifest == bundle.manifest
     for model in RADM:
         assert os.path.samefile(small.model_path(model), bundle.model_path(model)), "hardlinks, not copies"
     assert {p.name for p in small.root.glob("*.onnx")} == {Path(bundle.models[m].file).name for m in RADM}
     config = read_config(folder)
-    contract = ll.layout_contract(ll.static_dims(bundle))
+    contract = ll.contract(bundle)
     assert config.backend == "python" and [t.name for t in config.input] == contract.input_names
     assert not config.HasField("dynamic_batching"), "one request is one whole layout"
     assert config.instance_group[0].count == 2, "as many instances as radm_head, whose cost it is"
-    assert config.parameters[ll.SETTINGS_SHA256_PARAMETER].string_value == ll.settings_sha256(bundle)
+    assert config.parameters[STAGE_SHA256_PARAMETER].string_value == SERVER_STAGES[ll.NAME].identity(bundle)
 
 
 def test_which_repositories_get_the_stage(bundle, tmp_path):
     from posterrt.runtime.triton import model_config as mc
 
     whole = build_repository(bundle, tmp_path / "whole", models=None)
-    assert ll.MODEL_NAME in {m.name for m in whole.server_loops}
+    assert ll.NAME in {m.name for m in whole.server_loops}
     off = build_repository(bundle, tmp_path / "off", mc.ServingOptions(server_loops=False), models=RADM)
     assert not off.server_loops
     gpu = build_repository(bundle, tmp_path / "gpu", mc.ServingOptions(flavor="gpu-onnx"), models=RADM)
@@ -157,7 +160,7 @@ def test_which_repositories_get_the_stage(bundle, tmp_path):
 @pytest.fixture(scope="module")
 def served(bundle, tmp_path_factory):
     repo = tmp_path_factory.mktemp("layout-served") / "repo"
-    build_repository(bundle, repo, models=[*RADM, ll.MODEL_NAME])
+    build_repository(bundle, repo, models=[*RADM, ll.NAME])
     server = start_server(repo)
     yield server
     server.stop()
@@ -192,6 +195,6 @@ def test_a_client_with_other_radm_settings_lays_out_itself(served, bundle, monke
     from posterrt.runtime.backends.triton import TritonBackend
 
     with TritonBackend(bundle, served.grpc_url) as triton:
-        assert ll.find_radm_layout(triton) is not None
+        assert triton.server_stage(ll.NAME) is not None
         monkeypatch.setitem(triton.bundle.config["radm"], "score_threshold", 0.5)
-        assert ll.find_radm_layout(triton) is None
+        assert triton.server_stage(ll.NAME) is None

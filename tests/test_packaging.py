@@ -25,7 +25,7 @@ def test_runtime_imports_without_torch():
     modules += ["posterrt.runtime.metrics", "posterrt.runtime.commands.eval_layout"]
     modules += ["posterrt.runtime.schedulers", "posterrt.runtime.schedulers.radm", "posterrt.runtime.schedulers.plannet"]
     modules += ["posterrt.runtime.backends.onnxruntime", "posterrt.runtime.backends.openvino", "posterrt.runtime.images", "posterrt.runtime.text", "posterrt.runtime.compose", "posterrt.runtime.pipelines.poster", "posterrt.runtime.pipelines.layout", "posterrt.runtime.pipelines.background", "posterrt.runtime.pipelines.render", "posterrt.runtime.commands.generate", "posterrt.runtime.commands.demo"]
-    modules += ["posterrt.runtime.backends", "posterrt.runtime.backends.triton", "posterrt.runtime.triton.repository", "posterrt.runtime.triton.server", "posterrt.runtime.triton.shm", "posterrt.runtime.triton.sampling_loop", "posterrt.runtime.commands.repo", "posterrt.runtime.commands.serve", "posterrt.runtime.client"]
+    modules += ["posterrt.runtime.backends", "posterrt.runtime.backends.triton", "posterrt.runtime.triton.repository", "posterrt.runtime.triton.server", "posterrt.runtime.triton.shm", "posterrt.runtime.server_stages", "posterrt.runtime.backends.triton_stages", "posterrt.runtime.triton.stubs.plannet_sampler", "posterrt.runtime.triton.stubs.unet_sampler", "posterrt.runtime.triton.stubs.radm_layout", "posterrt.runtime.families", "posterrt.runtime.commands.repo", "posterrt.runtime.commands.serve", "posterrt.runtime.client"]
     modules += ["posterrt.runtime.accuracy", "posterrt.runtime.ssim"]
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     code += "import sys; assert 'torch' not in sys.modules; print('ok')"

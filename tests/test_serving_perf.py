@@ -19,9 +19,11 @@ from posterrt.runtime.contracts import CONTRACTS
 from posterrt.runtime.errors import ContractError, InputError
 from posterrt.runtime.samples import default_sizes, sample_inputs
 from posterrt.runtime.schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
+from posterrt.runtime.server_stages import SERVER_STAGES, SETTINGS_FILE
+from posterrt.runtime.server_stages import plannet as sl
+from posterrt.runtime.server_stages import rng as wire
 from posterrt.runtime.triton import model_config as mc
-from posterrt.runtime.triton import sampling_loop as sl
-from posterrt.runtime.triton.repository import SAMPLING_LOOP_TEMPLATE, build_repository
+from posterrt.runtime.triton.repository import STUBS, build_repository
 
 from helpers_triton import export_served_bundle, fake_request, load_python_model, start_server
 
@@ -86,40 +88,40 @@ def test_generator_state_round_trips_mid_stream():
     generator = np.random.default_rng([fresh_seed(), 3])
     generator.random(5)
     generator.integers(0, 10, size=3, dtype=np.uint32)  # leaves a buffered 32-bit half behind
-    words = sl.generator_state(generator)
-    assert words.dtype == np.int64 and words.shape == (sl.RNG_WORDS,)
-    copy = sl.generator_from_state(words)
+    words = wire.generator_state(generator)
+    assert words.dtype == np.int64 and words.shape == (wire.RNG_WORDS,)
+    copy = wire.generator_from_state(words)
     assert copy.bit_generator.state == generator.bit_generator.state
     assert np.array_equal(copy.gumbel(size=100), generator.gumbel(size=100))
 
 
 def test_bad_generator_states_are_refused():
-    words = sl.generator_state(np.random.default_rng(1))
+    words = wire.generator_state(np.random.default_rng(1))
     even_increment = words.copy()
     even_increment[3] &= ~1
     with pytest.raises(ContractError, match="rng_state"):
-        sl.generator_from_state(even_increment)
+        wire.generator_from_state(even_increment)
     with pytest.raises(InputError, match="PCG64"):
-        sl.generator_state(np.random.Generator(np.random.MT19937(1)))
+        wire.generator_state(np.random.Generator(np.random.MT19937(1)))
 
 
 # --- the sampler model in-process, with a stand-in for pb_utils --------------------------------
 @pytest.fixture(scope="module")
 def sampler_repo(bundle, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("sampler-repo") / "repo"
-    build_repository(bundle, repo, models=[sl.MODEL_NAME])
+    build_repository(bundle, repo, models=[sl.NAME])
     return repo
 
 
 @pytest.fixture(scope="module")
 def sampler_model(sampler_repo):
-    """sampling_loop.py loaded from the repository as Triton's stub loads it."""
-    return load_python_model(sampler_repo / sl.MODEL_NAME)
+    """The stub loaded from the repository as Triton loads it."""
+    return load_python_model(sampler_repo / sl.NAME)
 
 
 def sampler_request(memory, fixed, steps, generator) -> dict:
     inputs = {**memory, "fixed_tokens": fixed, "steps": np.full(len(fixed), steps, dtype=np.int64),
-              "rng_state": sl.generator_state(generator)[None]}
+              "rng_state": wire.generator_state(generator)[None]}
     return fake_request(inputs)
 
 
@@ -132,7 +134,7 @@ def test_server_loop_gives_the_client_loops_tokens(sampler_model, bundle, sample
     assert response.error is None, response.error
     assert np.array_equal(response.outputs["tokens"], expected)
     assert (response.outputs["tokens"][:, 0, 0] == 0).all(), "fixed tokens stay"
-    assert sl.generator_from_state(response.outputs["final_rng_state"][0]).bit_generator.state == after.bit_generator.state
+    assert wire.generator_from_state(response.outputs["final_rng_state"][0]).bit_generator.state == after.bit_generator.state
 
 
 def test_requests_batched_into_one_loop_each_get_their_own_tokens(sampler_model, bundle, sampler, embedded):
@@ -164,35 +166,35 @@ def read_config(folder: Path) -> pb.ModelConfig:
 
 
 def test_sampler_folder(bundle, sampler_repo):
-    folder = sampler_repo / sl.MODEL_NAME
+    folder = sampler_repo / sl.NAME
     version = folder / "1"
-    assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", sl.DENOISER_FILE, sl.SETTINGS_FILE])
-    assert (version / "model.py").read_text() == SAMPLING_LOOP_TEMPLATE.read_text()
-    assert os.path.samefile(version / sl.DENOISER_FILE, bundle.model_path("plannet_denoiser"))
-    assert json.loads((version / sl.SETTINGS_FILE).read_text())["plannet"] == bundle.config["plannet"]
+    assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", "bundle", SETTINGS_FILE])
+    assert (version / "model.py").read_text() == (STUBS / "plannet_sampler.py").read_text()
+    assert os.path.samefile(Bundle(version / "bundle").model_path("plannet_denoiser"), bundle.model_path("plannet_denoiser"))
+    assert json.loads((version / SETTINGS_FILE).read_text())["settings"]["config"] == bundle.config["plannet"]
     config = read_config(folder)
-    contract = sl.PLANNET_SAMPLER.resolve(bundle.models["plannet_denoiser"].static_dims)
+    contract = sl.contract(bundle)
     assert config.backend == "python" and [t.name for t in config.input] == contract.input_names
     assert [t.name for t in config.output] == contract.output_names
-    assert config.parameters[mc.ONNX_SHA256_PARAMETER].string_value == bundle.models["plannet_denoiser"].sha256
-    assert config.parameters[sl.DENOISER_CALL_PARAMETER].string_value == "in-process"
+    assert config.parameters[mc.STAGE_SHA256_PARAMETER].string_value == SERVER_STAGES[sl.NAME].identity(bundle)
+    assert config.parameters[sl.MODEL_CALL_PARAMETER].string_value == "in-process"
 
 
 def test_which_repositories_get_the_sampler(bundle, tmp_path):
     whole = build_repository(bundle, tmp_path / "whole")
-    assert [m.name for m in whole.server_loops] == [sl.MODEL_NAME] and (tmp_path / "whole" / sl.MODEL_NAME).is_dir()
+    assert [m.name for m in whole.server_loops] == [sl.NAME] and (tmp_path / "whole" / sl.NAME).is_dir()
     assert [m.name for m in whole.models] == list(bundle.models), "bundle models reported as before"
     subset = build_repository(bundle, tmp_path / "subset", models=["plannet_denoiser"])
-    assert not subset.server_loops and not (tmp_path / "subset" / sl.MODEL_NAME).exists()
+    assert not subset.server_loops and not (tmp_path / "subset" / sl.NAME).exists()
     off = build_repository(bundle, tmp_path / "off", mc.ServingOptions(server_loops=False))
     assert not off.server_loops
     gpu = build_repository(bundle, tmp_path / "gpu", mc.ServingOptions(flavor="gpu-onnx"))
     assert not gpu.server_loops
     with pytest.raises(InputError, match="cpu flavor only"):
-        build_repository(bundle, tmp_path / "gpu2", mc.ServingOptions(flavor="gpu-onnx"), models=[sl.MODEL_NAME])
-    bls = build_repository(bundle, tmp_path / "bls", mc.ServingOptions(extra_parameters={sl.DENOISER_CALL_PARAMETER: "bls"}),
-                           models=[sl.MODEL_NAME])
-    assert read_config(bls.server_loops[0].folder).parameters[sl.DENOISER_CALL_PARAMETER].string_value == "bls"
+        build_repository(bundle, tmp_path / "gpu2", mc.ServingOptions(flavor="gpu-onnx"), models=[sl.NAME])
+    bls = build_repository(bundle, tmp_path / "bls", mc.ServingOptions(extra_parameters={sl.MODEL_CALL_PARAMETER: "bls"}),
+                           models=[sl.NAME])
+    assert read_config(bls.server_loops[0].folder).parameters[sl.MODEL_CALL_PARAMETER].string_value == "bls"
 
 
 # --- serving defaults -------------------------------------------------------------------------
@@ -246,17 +248,17 @@ def test_planner_through_triton_uses_the_server_loop_and_plans_as_embedded(serve
 @pytest.mark.triton
 def test_bls_sampler_gives_the_same_tokens(bundle, sampler, embedded, tmp_path):
     repo = tmp_path / "repo"
-    build_repository(bundle, repo, mc.ServingOptions(extra_parameters={sl.DENOISER_CALL_PARAMETER: "bls"}))
+    build_repository(bundle, repo, mc.ServingOptions(extra_parameters={sl.MODEL_CALL_PARAMETER: "bls"}))
     server = start_server(repo)
     try:
         from posterrt.runtime.backends.triton import TritonBackend
 
         with TritonBackend(bundle, server.grpc_url) as triton:
-            loop = sl.find_server_loop(triton)
+            loop = triton.server_stage(sl.NAME)
             seed = fresh_seed()
             memory, fixed = memory_for(bundle, seed), fixed_product(sampler)
             generator = np.random.default_rng([seed, 7])
-            tokens = loop.sample(memory["memory"], memory["memory_mask"], fixed, 12, [generator])
+            tokens = loop(memory["memory"], memory["memory_mask"], fixed, 12, [generator])
         expected, after = client_loop(embedded, sampler, memory, fixed, 12, seed)
         assert np.array_equal(tokens, expected)
         assert generator.bit_generator.state == after.bit_generator.state

@@ -282,8 +282,11 @@ def test_sampling_loop_follows_an_onnx_denoiser_variant_and_leaves_out_an_openvi
     onnx = build_repository(bundle, tmp_path / "onnx", variants={"plannet_denoiser": "int8-dynamic"})
     (loop,) = [loop for loop in onnx.server_loops if loop.name == "plannet_sampler"]
     assert loop.name == "plannet_sampler" and loop.variant["name"] == "int8-dynamic"
-    assert os.path.samefile(loop.folder / "1" / "denoiser.onnx", copy / "plannet_denoiser.int8-dynamic.onnx")
-    assert read_config(loop.folder).parameters[repository.VARIANT_PARAMETER].string_value == "int8-dynamic"
+    staged = Bundle(loop.folder / "1" / "bundle")
+    assert os.path.samefile(staged.model_path("plannet_denoiser", variant="int8-dynamic"),
+                            copy / "plannet_denoiser.int8-dynamic.onnx")
+    served = read_config(loop.folder).parameters[mc.STAGE_VARIANTS_PARAMETER].string_value
+    assert json.loads(served) == {"plannet_denoiser": "int8-dynamic"}
 
     ir = build_repository(bundle, tmp_path / "ir", variants={"plannet_denoiser": "openvino-fp32"})
     assert "plannet_sampler" not in [loop.name for loop in ir.server_loops]
@@ -305,6 +308,8 @@ def test_unet_loop_runs_the_variant_its_unet_serves(bundle_dir, tmp_path):
     (loop,) = report.server_loops
     assert loop.name == "bg_unet_sampler" and loop.variant["name"] == "openvino-fp32"
     version = loop.folder / "1"
-    assert sorted(p.name for p in version.iterdir()) == ["model.bin", "model.py", "model.xml", "sampler.json"]
-    assert filecmp.cmp(version / "model.xml", tmp_path / "repo" / "bg_unet" / "1" / "model.xml", shallow=False)
-    assert read_config(loop.folder).parameters[repository.VARIANT_PARAMETER].string_value == "openvino-fp32"
+    staged = Bundle(version / "bundle").model_path("bg_unet", variant="openvino-fp32")
+    assert staged.suffix == ".xml" and staged.with_suffix(".bin").is_file()
+    assert filecmp.cmp(staged, tmp_path / "repo" / "bg_unet" / "1" / "model.xml", shallow=False)
+    served = read_config(loop.folder).parameters[mc.STAGE_VARIANTS_PARAMETER].string_value
+    assert json.loads(served) == {"bg_unet": "openvino-fp32"}

@@ -18,14 +18,18 @@ from posterrt.runtime.bundle import Bundle
 from posterrt.runtime.pipelines.diffusion import denoise
 from posterrt.runtime.samples import default_sizes, sample_inputs
 from posterrt.runtime.schedulers import SCHEDULERS, get_scheduler
+from posterrt.runtime.families import unet_families
+from posterrt.runtime.server_stages import SERVER_STAGES, SETTINGS_FILE
+from posterrt.runtime.server_stages import unet as ul
+from posterrt.runtime.server_stages.rng import generator_from_state, generator_state
 from posterrt.runtime.triton import model_config as mc
-from posterrt.runtime.triton import unet_loop as ul
-from posterrt.runtime.triton.repository import UNET_LOOP_TEMPLATE, build_repository
-from posterrt.runtime.triton.sampling_loop import generator_from_state, generator_state
+from posterrt.runtime.triton import repository
+from posterrt.runtime.triton.repository import STUBS, build_repository
 
 from helpers_triton import FakeTensor, fake_request, load_python_model, start_server
 
-LOOPS = [ul.loop_name(unet) for unet in ul.UNET_FAMILIES]
+UNETS = list(unet_families())
+LOOPS = [ul.stage_name(unet) for unet in UNETS]
 #: the stub and the client run the same ONNX file with the same ONNX Runtime and thread count;
 #: the loops agree to float32 rounding (in practice bit for bit)
 RTOL, ATOL = 1e-5, 1e-6
@@ -54,7 +58,7 @@ def fresh_seed() -> int:
 
 
 def load_loop_model(repo: Path, name: str):
-    """unet_loop.py loaded from the repository as Triton's stub loads it."""
+    """The stub loaded from the repository as Triton loads it."""
     return load_python_model(repo / name)
 
 
@@ -69,7 +73,7 @@ def loop_case(bundle, unet: str, guidance: float, seed: int):
 
 def client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps, guidance, seed):
     """The pipelines' own loop in-process. Returns (latents, generator after)."""
-    config = bundle.config[ul.UNET_FAMILIES[unet]]["scheduler"]
+    config = bundle.config[unet_families()[unet].config_key]["scheduler"]
     generator = np.random.default_rng([seed, 11])
     result = denoise(embedded, unet, get_scheduler(scheduler_name, config), latents, steps, guidance, fixed, generator,
                      progress=False)
@@ -84,13 +88,13 @@ def loop_request(fixed, latents, steps, guidance, scheduler_name, generator) -> 
     return fake_request(inputs)
 
 
-@pytest.mark.parametrize("unet", list(ul.UNET_FAMILIES))
+@pytest.mark.parametrize("unet", UNETS)
 @pytest.mark.parametrize("scheduler_name,guidance", [("ddim", 7.5), ("ddpm", 1.0), ("euler", 3.0)])
 def test_server_loop_gives_the_client_loops_latents(loop_repo, bundle, embedded, unet, scheduler_name, guidance):
     seed, steps = fresh_seed(), 3
     fixed, latents = loop_case(bundle, unet, guidance, seed)
     expected, after = client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps, guidance, seed)
-    model = load_loop_model(loop_repo, ul.loop_name(unet))
+    model = load_loop_model(loop_repo, ul.stage_name(unet))
     request = loop_request(fixed, latents, steps, guidance, scheduler_name, np.random.default_rng([seed, 11]))
     (response,) = model.execute([request])
     assert response.error is None, response.error
@@ -101,7 +105,7 @@ def test_server_loop_gives_the_client_loops_latents(loop_repo, bundle, embedded,
 
 
 def test_a_bad_request_is_answered_alone(loop_repo, bundle, embedded):
-    model = load_loop_model(loop_repo, ul.loop_name("bg_unet"))
+    model = load_loop_model(loop_repo, ul.stage_name("bg_unet"))
     seed = fresh_seed()
     fixed, latents = loop_case(bundle, "bg_unet", 7.5, seed)
     good = loop_request(fixed, latents, 2, 7.5, "ddim", np.random.default_rng(seed))
@@ -120,33 +124,33 @@ def read_config(folder: Path) -> pb.ModelConfig:
     return text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
 
 
-@pytest.mark.parametrize("unet", list(ul.UNET_FAMILIES))
+@pytest.mark.parametrize("unet", UNETS)
 def test_loop_folder(bundle, loop_repo, unet):
-    folder = loop_repo / ul.loop_name(unet)
+    folder = loop_repo / ul.stage_name(unet)
     version = folder / "1"
-    assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", "model.onnx", ul.SETTINGS_FILE])
-    assert (version / "model.py").read_text() == UNET_LOOP_TEMPLATE.read_text()
-    assert os.path.samefile(version / "model.onnx", bundle.model_path(unet))
-    settings = json.loads((version / ul.SETTINGS_FILE).read_text())
-    assert settings["scheduler_config"] == bundle.config[ul.UNET_FAMILIES[unet]]["scheduler"]
+    assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", "bundle", SETTINGS_FILE])
+    assert (version / "model.py").read_text() == (STUBS / "unet_sampler.py").read_text()
+    assert os.path.samefile(Bundle(version / "bundle").model_path(unet), bundle.model_path(unet))
+    settings = json.loads((version / SETTINGS_FILE).read_text())["settings"]
+    assert settings["scheduler_config"] == bundle.config[unet_families()[unet].config_key]["scheduler"]
+    assert settings["schedulers"] == list(SCHEDULERS)
     config = read_config(folder)
     contract = ul.loop_contract(bundle.contract(unet))
     assert config.backend == "python" and [t.name for t in config.input] == contract.input_names
     assert not config.HasField("dynamic_batching"), "one request is one whole loop"
     parameters = {k: v.string_value for k, v in config.parameters.items()}
-    assert parameters[mc.ONNX_SHA256_PARAMETER] == bundle.models[unet].sha256
-    assert parameters[ul.SCHEDULERS_PARAMETER].split(",") == list(SCHEDULERS)
-    assert parameters[ul.SETTINGS_SHA256_PARAMETER] == ul.settings_sha256(settings)
-    assert parameters[ul.UNET_CALL_PARAMETER] == "in-process", "a tiny UNet is loaded in the loop's own stub"
+    assert parameters[mc.STAGE_SHA256_PARAMETER] == SERVER_STAGES[ul.stage_name(unet)].identity(bundle)
+    assert parameters[ul.MODEL_CALL_PARAMETER] == "in-process", "a tiny UNet is loaded in the loop's own stub"
 
 
 def test_a_big_unet_is_called_through_bls(bundle, tmp_path, monkeypatch):
     """Above the size limit the loop holds no second copy of the weights: no model file, BLS calls."""
-    monkeypatch.setattr(ul, "IN_PROCESS_LIMIT_BYTES", 0)
-    report = build_repository(bundle, tmp_path / "repo", models=[ul.loop_name("bg_unet")])
+    monkeypatch.setattr(repository, "IN_PROCESS_LIMIT_BYTES", 0)
+    report = build_repository(bundle, tmp_path / "repo", models=[ul.stage_name("bg_unet")])
     (loop,) = report.server_loops
-    assert read_config(loop.folder).parameters[ul.UNET_CALL_PARAMETER].string_value == "bls"
-    assert sorted(p.name for p in (loop.folder / "1").iterdir()) == sorted(["model.py", ul.SETTINGS_FILE])
+    assert read_config(loop.folder).parameters[ul.MODEL_CALL_PARAMETER].string_value == "bls"
+    assert sorted(p.name for p in (loop.folder / "1").iterdir()) == sorted(["model.py", "bundle", SETTINGS_FILE])
+    assert not list((loop.folder / "1" / "bundle").glob("*.onnx")), "no copy of the UNet"
 
 
 def test_which_repositories_get_the_unet_loops(bundle, tmp_path):
@@ -163,7 +167,7 @@ def served(bundle, tmp_path_factory):
     """The background pipeline's models and its loop, in-process and BLS (the latter under another name)."""
     repo = tmp_path_factory.mktemp("unet-served") / "repo"
     build_repository(bundle, repo, models=["clip_text_encoder", "image_encoder", "vae_encoder", "bg_unet", "vae_decoder",
-                                           ul.loop_name("bg_unet")])
+                                           ul.stage_name("bg_unet")])
     server = start_server(repo)
     yield server
     server.stop()
@@ -199,19 +203,19 @@ def test_background_through_triton_uses_the_server_loop_and_paints_as_embedded(s
 @pytest.mark.triton
 def test_bls_loop_gives_the_client_loops_latents(bundle, embedded, tmp_path):
     repo = tmp_path / "repo"
-    build_repository(bundle, repo, mc.ServingOptions(extra_parameters={ul.UNET_CALL_PARAMETER: "bls"}),
-                     models=["bg_unet", ul.loop_name("bg_unet")])
+    build_repository(bundle, repo, mc.ServingOptions(extra_parameters={ul.MODEL_CALL_PARAMETER: "bls"}),
+                     models=["bg_unet", ul.stage_name("bg_unet")])
     server = start_server(repo)
     try:
         from posterrt.runtime.backends.triton import TritonBackend
 
         with TritonBackend(bundle, server.grpc_url) as triton:
-            loop = ul.find_unet_loop(triton, "bg_unet")
+            loop = triton.server_stage(ul.stage_name("bg_unet"))
             seed, guidance = fresh_seed(), 7.5
             fixed, latents = loop_case(bundle, "bg_unet", guidance, seed)
             config = bundle.config["stable_diffusion"]["scheduler"]
             generator = np.random.default_rng([seed, 11])
-            result = loop.denoise(get_scheduler("ddpm", config), latents, 3, guidance, fixed, generator)
+            result = loop(get_scheduler("ddpm", config), latents, 3, guidance, fixed, generator)
         expected, after = client_denoise(embedded, bundle, "bg_unet", "ddpm", fixed, latents, 3, guidance, seed)
         np.testing.assert_allclose(result, expected, rtol=RTOL, atol=ATOL)
         assert generator.bit_generator.state == after.bit_generator.state
@@ -225,9 +229,9 @@ def test_a_client_with_other_scheduler_settings_loops_itself(served, bundle, mon
     from posterrt.runtime.backends.triton import TritonBackend
 
     with TritonBackend(bundle, served.grpc_url) as triton:
-        assert ul.find_unet_loop(triton, "bg_unet") is not None
+        assert triton.server_stage(ul.stage_name("bg_unet")) is not None
         monkeypatch.setitem(triton.bundle.config["stable_diffusion"]["scheduler"], "beta_end", 0.0234)
-        assert ul.find_unet_loop(triton, "bg_unet") is None
+        assert triton.server_stage(ul.stage_name("bg_unet")) is None
 
 
 def test_repo_build_flags_choose_the_loops_and_how_they_call_the_unet(bundle, tmp_path, capsys):
@@ -237,7 +241,7 @@ def test_repo_build_flags_choose_the_loops_and_how_they_call_the_unet(bundle, tm
                      "--models", "bg_unet,bg_unet_sampler", "--unet-loop-call", "bls"]) == 0
     assert "bg_unet_sampler" in capsys.readouterr().out
     config = read_config(tmp_path / "bls" / "bg_unet_sampler")
-    assert config.parameters[ul.UNET_CALL_PARAMETER].string_value == "bls"
+    assert config.parameters[ul.MODEL_CALL_PARAMETER].string_value == "bls"
     assert cli.main(["repo", "build", "--bundle", str(bundle.root), "--out", str(tmp_path / "none"),
                      "--no-server-loops"]) == 0
     assert not [p for p in (tmp_path / "none").iterdir() if p.name.endswith("_sampler")]

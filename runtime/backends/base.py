@@ -86,6 +86,13 @@ class Backend(ABC):
     def _run(self, contract: ModelContract, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Execute one validated call; returns every output of the contract by name."""
 
+    def server_stage(self, name: str):
+        """A client for the server stage ``name`` (runtime/server_stages) when this backend runs that
+        part of the pipeline in its server, else None: the pipeline runs it here, step by step.
+        Called with the pipeline's own arguments, the client returns what the pipeline's code
+        returns. In-process backends have no server: None."""
+        return None
+
     def close(self) -> None:
         """Release sessions / connections."""
 

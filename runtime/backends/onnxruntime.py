@@ -107,7 +107,7 @@ def iobinding_step(session: ort.InferenceSession, model: str, output_names: Sequ
                    fixed: Mapping[str, np.ndarray]):
     """``step(inputs) -> outputs`` over ONNX Runtime's IO binding: ``fixed`` is bound once, each
     step binds only its own inputs (ORT reads the numpy buffers in place) and runs. Used by the
-    embedded backend's loops and by the UNet loops that run inside Triton (unet_loop.py)."""
+    embedded backend's loops and by the server stages inside Triton (triton/stubs)."""
     binding = session.io_binding()
     bound = {name: np.ascontiguousarray(array) for name, array in fixed.items()}  # alive as long as `execute`
     for name, array in bound.items():

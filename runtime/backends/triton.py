@@ -458,6 +458,13 @@ class TritonBackend(Backend):
                                f"shared memory needs the server on this host") from None
         return region
 
+    # -- server stages ------------------------------------------------------------------------
+    def server_stage(self, name: str):
+        """A client for stage ``name`` when a server serves it with this bundle's models and settings."""
+        from .triton_stages import find_stage
+
+        return find_stage(self, name)
+
     # -- shutdown -----------------------------------------------------------------------------
     def close(self) -> None:
         if self._closed:

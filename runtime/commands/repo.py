@@ -96,8 +96,9 @@ def build(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..contracts import parse_variant_list
     from ..triton.model_config import ServingOptions
-    from ..triton.repository import build_repository, loop_models, write_client_bundle
-    from ..triton.unet_loop import UNET_CALL_PARAMETER
+    from ..server_stages import SERVER_STAGES
+    from ..server_stages.unet import MODEL_CALL_PARAMETER as UNET_CALL_PARAMETER
+    from ..triton.repository import build_repository, write_client_bundle
 
     if args.engines and args.flavor != "gpu-trt":
         raise InputError(f"--engines: only the gpu-trt flavor uses TensorRT plans, got --flavor {args.flavor}")
@@ -106,7 +107,7 @@ def build(args: argparse.Namespace) -> int:
     models = None
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
-        loops = loop_models()
+        loops = list(SERVER_STAGES)
         unknown = [m for m in models if m not in bundle.models and m not in loops]
         if unknown:
             raise InputError(f"--models: {unknown} are not in bundle {bundle.root}; it has {', '.join(bundle.models)} "
@@ -126,9 +127,9 @@ def build(args: argparse.Namespace) -> int:
         print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}{_served(model)}")
         if model.note:
             print(f"  {model.note}", file=sys.stderr)
-    for loop in report.server_loops:  # serving-only models (plannet_sampler, <unet>_sampler)
+    for loop in report.server_loops:  # serving-only models: the server stages (plannet_sampler, <unet>_sampler, ...)
         how = f", {loop.note}" if loop.note else ""
-        print(f"{loop.name:20s} ok  {loop.folder}  (sampling loop in the server{how}){_served(loop)}")
+        print(f"{loop.name:20s} ok  {loop.folder}  (server stage{how}){_served(loop)}")
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.client_bundle:

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..families import FAMILIES
 from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
-from ..triton.unet_loop import find_unet_loop
+from ..server_stages.unet import stage_name
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, run_side_by_side, stage_rng, to_chw
 from .request import PosterRequest, PosterResult
 from .stages import Stages
@@ -37,7 +37,7 @@ class BackgroundPipeline:
         self.progress = progress
         self.config = family_config(backend, "stable_diffusion")
         self.prompt_encoder = PromptEncoder(backend)
-        self.server_loop = find_unet_loop(backend, "bg_unet")  # None: the loop runs here, one call per step
+        self.server_loop = backend.server_stage(stage_name("bg_unet"))  # None: the loop runs here, one call per step
 
     def generate(self, canvas: np.ndarray, product_mask: np.ndarray, request: PosterRequest) -> np.ndarray:
         """Paint the background of ``canvas`` (RGB uint8) where ``product_mask`` (float HxW, 1 = product) is 0."""

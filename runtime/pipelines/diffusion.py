@@ -88,11 +88,11 @@ def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps:
 
     ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
     (outside this loop): text embeddings, masked-image latents, control embedding, scales.
-    ``server_loop`` (``unet_loop.find_unet_loop``): run this same loop in the Triton server instead,
-    one request, continuing ``rng`` there.
+    ``server_loop`` (the backend's ``server_stage`` for this UNet): run this same loop in the server
+    instead, one request, continuing ``rng`` there.
     """
     if server_loop is not None:
-        return server_loop.denoise(scheduler, latents, steps, guidance, step_invariant, rng)
+        return server_loop(scheduler, latents, steps, guidance, step_invariant, rng)
     scheduler.set_timesteps(steps)
     unet = backend.bind(model, step_invariant)  # the step-invariant inputs are checked once, here
     for t in tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress):

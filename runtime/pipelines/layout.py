@@ -16,7 +16,7 @@ from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten
 from ..schedulers.radm import Detections, RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
-from ..triton.layout_loop import find_radm_layout
+from ..server_stages import radm_layout as radm_layout_stage
 from .diffusion import family_config, run_side_by_side, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest, PosterResult
 from .stages import Stages
@@ -41,13 +41,13 @@ class RADMLayout:
         self.sampler = RadmBoxSampler(RadmSamplerConfig.from_bundle_config(self.config))
         self.tokenizer = load_tokenizer(backend.bundle, "radm_tokenizer", int(self.config["max_text_tokens"]),
                                         pad_id=self.config.get("text_pad_token_id"))
-        self.server_layout = find_radm_layout(backend) if server_layout else None
+        self.server_layout = backend.server_stage(radm_layout_stage.NAME) if server_layout else None
 
     def __call__(self, image: np.ndarray, texts: list[str], seed: int, steps: int | None = None) -> list[LayoutElement]:
         """Layout of ``image`` (RGB uint8 HxWx3, H and W multiples of 64) for ``texts``."""
         ids, attention = encode_lines(self.tokenizer, texts) if texts else (None, None)
-        stage = self.server_layout if self.server_layout is not None else self
-        detections = stage.detect(image, ids, attention, seed, steps)
+        detect = self.server_layout if self.server_layout is not None else self.detect
+        detections = detect(image, ids, attention, seed, steps)
         return [LayoutElement(self.class_names[int(label)], tuple(float(v) for v in box), float(score))
                 for box, score, label in zip(detections.boxes, detections.scores, detections.labels)]
 

@@ -17,7 +17,7 @@ from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten, resize_rgb
 from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from ..text import encode_lines, load_tokenizer
-from ..triton.sampling_loop import find_server_loop
+from ..server_stages import plannet as plannet_stage
 from .diffusion import family_config, stage_rng, to_chw
 from .request import LayoutElement, PosterRequest
 
@@ -31,7 +31,7 @@ class PlanNetPlanner:
         backend.bundle.require(MODELS)
         self.backend = backend
         self.progress = progress
-        self.server_loop = find_server_loop(backend) if server_loop else None
+        self.server_loop = backend.server_stage(plannet_stage.NAME) if server_loop else None
         self.config = family_config(backend, "plannet")
         self.class_names = list(self.config["class_names"])
         self.sampler = PlanNetSampler(PlanNetSamplerConfig.from_bundle_config(self.config))
@@ -56,7 +56,7 @@ class PlanNetPlanner:
         generator = stage_rng(request.seed, "plan")
         with calls:
             if self.server_loop is not None:  # every level in one request; the server draws from `generator`
-                tokens = self.server_loop.sample(memory["memory"], memory["memory_mask"], fixed,
+                tokens = self.server_loop(memory["memory"], memory["memory_mask"], fixed,
                                                  request.layout_steps or levels, [generator])
             else:
                 denoiser = self.backend.bind("plannet_denoiser", memory)  # the memory is checked once, not per step

@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..families import FAMILIES
 from ..images import mask_box
 from ..schedulers import batch_for_guidance, get_scheduler
-from ..triton.unet_loop import find_unet_loop
+from ..server_stages.unet import stage_name
 from .background import default_steps
 from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
 from .plan import PlanNetPlanner
@@ -36,7 +36,7 @@ class RenderPipeline:
         self.sd_config = family_config(backend, "stable_diffusion")  # prompt, tokenizer, default steps
         self.planner = PlanNetPlanner(backend, progress=progress)
         self.prompt_encoder = PromptEncoder(backend)
-        self.server_loop = find_unet_loop(backend, "render_unet")  # None: the loop runs here, one call per step
+        self.server_loop = backend.server_stage(stage_name("render_unet"))  # None: the loop runs here, one call per step
 
     def __call__(self, request: PosterRequest) -> PosterResult:
         request.validate()

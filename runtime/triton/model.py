@@ -44,7 +44,13 @@ IR_PRECISIONS = ("f32", "bf16")
 
 
 class RequestError(Exception):
-    """A request does not satisfy the contract; answered on that request only."""
+    """A request this model (or a server stage) cannot serve; answered on that request only."""
+
+
+def error_response(pb_utils, error: Exception):
+    """The response that fails one request with ``error``'s message (``pb_utils``: the calling
+    stub's module; tests hand the stubs a stand-in)."""
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error) or type(error).__name__))
 
 
 def check_inputs(document: dict, inputs: dict) -> None:
@@ -242,23 +248,18 @@ class TritonPythonModel:
                 self.validate(inputs)
                 valid.append((index, inputs))
             except Exception as error:  # the request is bad; the model and the other requests are fine
-                responses[index] = self._error(error)
+                responses[index] = error_response(pb_utils, error)
         for group in batch_groups(valid):
             try:
                 results = run_batched(self.session, self.output_names, group)
             except Exception as error:
                 for index, _ in group:
-                    responses[index] = self._error(error)
+                    responses[index] = error_response(pb_utils, error)
                 continue
             for (index, _), outputs in zip(group, results):
                 responses[index] = pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, outputs[name]) for name in self.output_names])
         return responses
-
-    @staticmethod
-    def _error(error: Exception):
-        message = str(error) or type(error).__name__
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
     def finalize(self):
         self.session = None

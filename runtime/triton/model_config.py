@@ -34,6 +34,11 @@ WIRE_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": 
 #: server serves the weights of the bundle it was given, not only tensors of the right shapes.
 ONNX_SHA256_PARAMETER = "posterrt_onnx_sha256"
 CONTRACT_VERSION_PARAMETER = "posterrt_contract_version"
+#: a server stage's identity (ServerStage.identity: driven models' hashes and the stage's settings);
+#: a client uses the stage only where it equals its own bundle's
+STAGE_SHA256_PARAMETER = "posterrt_stage_sha256"
+#: {model: variant} of the driven models a server stage runs as variants (JSON)
+STAGE_VARIANTS_PARAMETER = "posterrt_stage_variants"
 
 
 def max_batch_size(contract: ModelContract) -> int:

@@ -12,14 +12,12 @@ Flavors (``model_config.FLAVORS``):
   or CUDA execution accelerator.
 * ``gpu-trt``: ``platform: "tensorrt_plan"``; ``1/model.plan`` taken from ``--engines``.
 
-Server-side loops (cpu flavor, written with the whole bundle, ``ServingOptions.server_loops``):
-``plannet_sampler/1/`` holds ``sampling_loop.py`` as ``model.py``, a link to the PlanNet denoiser's
-ONNX and ``sampler.json`` (the bundle's plannet config): PlanNet's 100-step loop in one request.
-``bg_unet_sampler/1/`` and ``render_unet_sampler/1/`` hold ``unet_loop.py`` as ``model.py``, the
-UNet's file as its served model has it (export or variant) and ``sampler.json`` (its scheduler
-settings): a poster's whole denoising loop in one request (see unet_loop.py for the BLS option).
-``radm_layout/1/`` holds ``layout_loop.py`` as ``model.py`` and ``bundle/``: the manifest, the
-assets and hardlinks to the three RADM models' files: a whole RADM layout in one request.
+Server stages (cpu flavor, written with the whole bundle, ``ServingOptions.server_loops``; one
+folder per spec of ``runtime/server_stages``, all alike): ``<stage>/1/`` holds the stage's stub
+(``runtime/triton/stubs/<stub>.py``) as ``model.py``, ``stage.json`` (its settings and the variants
+it runs) and ``bundle/``: the manifest, the assets and hardlinks to the files of the models it runs
+in-process. The config records the stage's identity (``posterrt_stage_sha256``), which a client
+compares with its own bundle's before using the stage.
 
 The client side does not live here: a client is handed the bundle folder itself (manifest and
 tokenizers; the ONNX files are not needed to talk to Triton), see ``write_client_bundle``.
@@ -37,14 +35,19 @@ from ..backends.openvino import is_openvino_ir
 from ..bundle import MANIFEST, Bundle, confined_path, sha256_file
 from ..contracts import CONTRACT_VERSION, ModelContract, dim_range, is_dynamic
 from ..errors import BundleError, InputError
-from ..families import family_of
-from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, ServingOptions,
-                           build_model_config, contract_max_request_bytes, to_pbtxt)
+from ..server_stages import BUNDLE_FOLDER as STAGE_BUNDLE_FOLDER, SERVER_STAGES, SETTINGS_FILE as STAGE_SETTINGS_FILE
+from ..server_stages import ServerStage
+from .model_config import (CONTRACT_VERSION_PARAMETER, ONNX_SHA256_PARAMETER, STAGE_SHA256_PARAMETER,
+                           STAGE_VARIANTS_PARAMETER, ServingOptions, build_model_config, contract_max_request_bytes,
+                           to_pbtxt)
 
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
-SAMPLING_LOOP_TEMPLATE = Path(__file__).with_name("sampling_loop.py")
-UNET_LOOP_TEMPLATE = Path(__file__).with_name("unet_loop.py")
-LAYOUT_LOOP_TEMPLATE = Path(__file__).with_name("layout_loop.py")
+#: the server stages' stubs: ``<stub>.py`` is copied as the stage's model.py
+STUBS = Path(__file__).with_name("stubs")
+#: Above this a stage calls its served model through BLS by default rather than holding a second
+#: copy of its weights: the tiny UNets are a few MB, the paper ones 3.4 GB (bg_unet) and 4.9 GB
+#: (render_unet), which twice over would not fit beside the other models in 24 GB.
+IN_PROCESS_LIMIT_BYTES = 1 << 30
 CONTRACT_FILE = "contract.json"
 VERSION = "1"
 ENGINES_MANIFEST = "manifest.json"  # written by `posterrt engines build` beside the plans
@@ -210,130 +213,85 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
     return ModelReport(name, folder, True)
 
 
-def _write_sampling_loop(bundle: Bundle, folder: Path, options: ServingOptions, variant: str | None = None) -> ModelReport:
-    """``plannet_sampler``: runtime/triton/sampling_loop.py with its own link to the denoiser's ONNX
-    (the ONNX ``variant`` of the denoiser when one is served: the loop must run what
-    ``plannet_denoiser`` serves)."""
-    from . import sampling_loop
-
-    entry = bundle.models[sampling_loop.DENOISER]
-    contract = sampling_loop.PLANNET_SAMPLER.resolve(entry.static_dims)
-    parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION}
-    served = variant_record(bundle, sampling_loop.DENOISER, variant) if variant else None
-    parameters.update(_variant_parameters(served))
-    # "in-process" unless the options' extra parameters choose "bls" (kept for the benchmark)
-    parameters[sampling_loop.DENOISER_CALL_PARAMETER] = options.extra_parameters.get(
-        sampling_loop.DENOISER_CALL_PARAMETER, "in-process")
-    version = folder / VERSION
-    version.mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, options, parameters)))
-    shutil.copyfile(SAMPLING_LOOP_TEMPLATE, version / "model.py")
-    _link_model_files(bundle, sampling_loop.DENOISER, variant, version, served_as=sampling_loop.DENOISER_FILE)
-    settings = {"plannet": bundle.config.get(family_of(sampling_loop.DENOISER).config_key, {}),
-                "static_dims": entry.static_dims}
-    (version / sampling_loop.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-    return ModelReport(sampling_loop.MODEL_NAME, folder, True, variant=served)
+def _stage_options(options: ServingOptions, stage: ServerStage, costly: ModelContract) -> ServingOptions:
+    """Serving options for a server stage. A stage that batches requests is served as any model; for
+    the others one request is one whole loop (nothing to batch), and its cost is ``costly``'s calls,
+    so its threads and instances follow that model's unless given for the stage itself."""
+    if stage.batches_requests:
+        return options
+    threads = options.model_threads.get(stage.name, options.model_threads.get(costly.name, options.intra_op_threads))
+    instances = options.model_instances.get(stage.name, options.instance_count(costly))
+    return replace(options, dynamic_batching=False, model_threads={**options.model_threads, stage.name: threads},
+                   model_instances={**options.model_instances, stage.name: instances})
 
 
-def _loop_options(options: ServingOptions, loop: str, costly: ModelContract) -> ServingOptions:
-    """Serving options for a server-side loop: one request is one whole loop (nothing to batch), and
-    its cost is ``costly``'s calls, so its threads and instances follow that model's unless given for
-    the loop itself."""
-    threads = options.model_threads.get(loop, options.model_threads.get(costly.name, options.intra_op_threads))
-    instances = options.model_instances.get(loop, options.instance_count(costly))
-    return replace(options, dynamic_batching=False, model_threads={**options.model_threads, loop: threads},
-                   model_instances={**options.model_instances, loop: instances})
-
-
-def _write_unet_loop(bundle: Bundle, unet: str, folder: Path, options: ServingOptions,
-                     variant: str | None = None) -> ModelReport:
-    """``<unet>_sampler``: runtime/triton/unet_loop.py with the file the served ``unet`` runs (the
-    export or ``variant``) and the scheduler settings of its pipeline."""
-    from . import unet_loop
-
-    entry = bundle.models[unet]
-    contract = unet_loop.loop_contract(bundle.contract(unet))
-    settings = unet_loop.sampler_settings(bundle.config, unet, entry.static_dims)
-    served = variant_record(bundle, unet, variant) if variant else None
+def _model_call(bundle: Bundle, stage: ServerStage, options: ServingOptions) -> str:
+    """How the stub calls its driven model: as the options say, else in-process unless the model's
+    files are over :data:`IN_PROCESS_LIMIT_BYTES`."""
+    if stage.model_call is None:
+        return "in-process"
+    entry = bundle.models[stage.models[0]]
     size = sum((bundle.root / name).stat().st_size for name in [entry.file, *entry.data_files])
-    call = options.extra_parameters.get(
-        unet_loop.UNET_CALL_PARAMETER, "in-process" if size <= unet_loop.IN_PROCESS_LIMIT_BYTES else "bls")
-    parameters = {ONNX_SHA256_PARAMETER: entry.sha256, CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION,
-                  unet_loop.SCHEDULERS_PARAMETER: ",".join(settings["schedulers"]),
-                  unet_loop.SETTINGS_SHA256_PARAMETER: unet_loop.settings_sha256(settings),
-                  unet_loop.UNET_CALL_PARAMETER: call, **_variant_parameters(served)}
-    # The loop's cost is its UNet calls.
-    loop_options = _loop_options(options, contract.name, bundle.contract(unet))
-    version = folder / VERSION
-    version.mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, loop_options, parameters)))
-    shutil.copyfile(UNET_LOOP_TEMPLATE, version / "model.py")
-    if call == "in-process":
-        _link_model_files(bundle, unet, variant, version)
-    (version / unet_loop.SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-    return ModelReport(contract.name, folder, True, note=f"{unet} called {call}", variant=served)
+    return options.extra_parameters.get(stage.model_call, "in-process" if size <= IN_PROCESS_LIMIT_BYTES else "bls")
 
 
-def _write_layout_loop(bundle: Bundle, folder: Path, options: ServingOptions, variants: Mapping[str, str]) -> ModelReport:
-    """``radm_layout``: runtime/triton/layout_loop.py with a small bundle of its own (the manifest,
-    the assets and hardlinks to the three RADM models' files, or to the variants served for them)."""
-    from . import layout_loop
-
-    contract = layout_loop.layout_contract(layout_loop.static_dims(bundle))
-    served = {model: variants[model] for model in layout_loop.MODELS if model in variants}
-    parameters = {CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION,
-                  layout_loop.SETTINGS_SHA256_PARAMETER: layout_loop.settings_sha256(bundle),
-                  layout_loop.VARIANTS_PARAMETER: json.dumps(served, sort_keys=True)}
-    # One request is one layout; its cost is radm_head's.
-    stage_options = _loop_options(options, contract.name, bundle.contract("radm_head"))
+def _write_stage(bundle: Bundle, stage: ServerStage, folder: Path, options: ServingOptions,
+                 variants: Mapping[str, str]) -> ModelReport:
+    """``<stage>/``: its config, its stub as ``model.py``, ``stage.json`` (its settings and the
+    variants it runs) and a small bundle (manifest, assets, links to the files of the models it
+    runs in-process, or to the variants served for them)."""
+    contract = stage.contract(bundle)
+    served = {model: variants[model] for model in stage.models if model in variants}
+    call = _model_call(bundle, stage, options)
+    parameters = {CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION, STAGE_SHA256_PARAMETER: stage.identity(bundle),
+                  STAGE_VARIANTS_PARAMETER: json.dumps(served, sort_keys=True)}
+    if stage.model_call:
+        parameters[stage.model_call] = call
+    stage_options = _stage_options(options, stage, bundle.contract(stage.costly_model))
     version = folder / VERSION
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, stage_options, parameters)))
-    shutil.copyfile(LAYOUT_LOOP_TEMPLATE, version / "model.py")
-    small = write_client_bundle(bundle, version / layout_loop.BUNDLE_FOLDER)
-    for model in layout_loop.MODELS:
+    shutil.copyfile(STUBS / f"{stage.stub}.py", version / "model.py")
+    document = {"stage": stage.name, "settings": stage.settings(bundle), "variants": served}
+    (version / STAGE_SETTINGS_FILE).write_text(json.dumps(document, indent=2))
+    small = write_client_bundle(bundle, version / STAGE_BUNDLE_FOLDER)
+    for model in stage.models if call == "in-process" else ():
         entry = bundle.models[model]
         files = [entry.file, *entry.data_files]
         if model in served:
             record = bundle.variants(model)[served[model]]
             files += [record["file"], *record.get("data_files", [])]
         for relative in files:
-            target = confined_path(small, relative, f"{layout_loop.MODEL_NAME} file of {model!r}")
+            target = confined_path(small, relative, f"{stage.name} file of {model!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(confined_path(bundle.root, relative, f"bundle model {model!r}"), target)
-    note = f"variants {served}" if served else ""
-    return ModelReport(contract.name, folder, True, note=note)
+    notes = [f"{', '.join(stage.models)} called {call}"] if stage.model_call else []
+    notes += [f"variants {served}"] if served else []
+    return ModelReport(stage.name, folder, True, note="; ".join(notes),
+                       variant=variant_record(bundle, stage.models[0], served[stage.models[0]])
+                       if len(stage.models) == 1 and served else None)
 
 
-#: server-side loop -> the bundle models it runs
-def loop_models() -> dict[str, tuple[str, ...]]:
-    from . import layout_loop, sampling_loop, unet_loop
-
-    return {sampling_loop.MODEL_NAME: (sampling_loop.DENOISER,),
-            **{unet_loop.loop_name(unet): (unet,) for unet in unet_loop.UNET_FAMILIES},
-            layout_loop.MODEL_NAME: layout_loop.MODELS}
+def stage_models() -> dict[str, tuple[str, ...]]:
+    """Server stage -> the bundle models it drives."""
+    return {name: stage.models for name, stage in SERVER_STAGES.items()}
 
 
-def _loop_family(loop: str) -> str:
-    """The config key of the family whose settings ``loop`` runs with."""
-    return family_of(loop_models()[loop][-1]).config_key
-
-
-def server_loops_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
-    """The server-side loops to write: on the cpu flavor, when the whole bundle is served (or a
-    loop is named in ``models``) and the bundle has the model the loop drives."""
-    loops = []
-    for loop, driven in loop_models().items():
-        wanted = (models is None and options.server_loops) or (models is not None and loop in models)
-        if not wanted or any(m not in bundle.models for m in driven) or _loop_family(loop) not in bundle.config:
+def server_stages_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
+    """The server stages to write: on the cpu flavor, when the whole bundle is served (or a stage
+    is named in ``models``) and the bundle has the models and settings the stage runs."""
+    stages = []
+    for name, stage in SERVER_STAGES.items():
+        wanted = (models is None and options.server_loops) or (models is not None and name in models)
+        if not wanted or not stage.available(bundle):
             continue
         if options.flavor != "cpu":
             if models is not None:
-                raise InputError(f"--models: {loop} runs {', '.join(driven)} in a Python-backend model: cpu flavor only, "
-                                 f"got --flavor {options.flavor}")
+                raise InputError(f"--models: {name} runs {', '.join(stage.models)} in a Python-backend model: cpu flavor "
+                                 f"only, got --flavor {options.flavor}")
             continue
-        loops.append(loop)
-    return loops
+        stages.append(name)
+    return stages
 
 
 def _swap_in(root: Path, name: str, write) -> ModelReport:
@@ -361,28 +319,27 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     is written. Each model is staged beside its final folder and swapped in whole, so a server
     polling the repository never sees half a model. Other folders under ``out`` are left alone.
     """
-    from .layout_loop import MODEL_NAME as LAYOUT_LOOP
-    from .sampling_loop import DENOISER, MODEL_NAME as PLANNET_LOOP
-
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     options = options or ServingOptions()
-    loops = server_loops_for(bundle, options, models)
+    loops = server_stages_for(bundle, options, models)
     names = list(bundle.models) if models is None else [m for m in models if m not in loops]
     if not names and not loops:
         raise BundleError(f"bundle {bundle.root} has no models to serve")
     bundle.require(names)
     variants = dict(variants or {})
-    driven = loop_models()
-    _check_variants(bundle, options, names + [m for loop in loops for m in driven[loop]], variants)
+    _check_variants(bundle, options, names + [m for loop in loops for m in SERVER_STAGES[loop].models], variants)
     notes = []
-    if PLANNET_LOOP in loops and _is_openvino(bundle, DENOISER, variants.get(DENOISER)):
-        # the loop runs the denoiser with ONNX Runtime in its stub (sampling_loop.py): it follows an
-        # ONNX variant, not an OpenVINO IR; without it, clients call the served denoiser per step
-        reason = f"{PLANNET_LOOP} runs {DENOISER} with ONNX Runtime, not its OpenVINO variant {variants[DENOISER]!r}"
-        if models is not None:
-            raise InputError(f"--variants: {reason}; leave {PLANNET_LOOP} out of --models")
-        notes.append(f"{PLANNET_LOOP} not written: {reason}; clients call the served {DENOISER} once per step")
-        loops.remove(PLANNET_LOOP)
+    for name in list(loops):
+        stage = SERVER_STAGES[name]
+        ir = [model for model in stage.models if _is_openvino(bundle, model, variants.get(model))]
+        if stage.onnx_only and ir:
+            # the stub runs its model with ONNX Runtime: it follows an ONNX variant, not an OpenVINO
+            # IR; without the stage, clients call the served model once per step
+            reason = f"{name} runs {ir[0]} with ONNX Runtime, not its OpenVINO variant {variants[ir[0]]!r}"
+            if models is not None:
+                raise InputError(f"--variants: {reason}; leave {name} out of --models")
+            notes.append(f"{name} not written: {reason}; clients call the served {ir[0]} once per step")
+            loops.remove(name)
     engines = Path(engines) if engines else None
     if engines is not None and not engines.is_dir():
         raise InputError(f"--engines: folder {engines} does not exist; build engines with `posterrt engines build`")
@@ -393,14 +350,8 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
         report.models.append(_swap_in(root, name, lambda staging: _write_model(
             bundle, name, staging, options, engines, variants.get(name))))
     for name in loops:
-        model = driven[name][0]
-        if name == PLANNET_LOOP:
-            write = lambda staging: _write_sampling_loop(bundle, staging, options, variants.get(model))  # noqa: E731
-        elif name == LAYOUT_LOOP:
-            write = lambda staging: _write_layout_loop(bundle, staging, options, variants)  # noqa: E731
-        else:
-            write = lambda staging: _write_unet_loop(bundle, model, staging, options, variants.get(model))  # noqa: E731
-        report.server_loops.append(_swap_in(root, name, write))
+        report.server_loops.append(_swap_in(root, name, lambda staging: _write_stage(
+            bundle, SERVER_STAGES[name], staging, options, variants)))
     return report
 
 
