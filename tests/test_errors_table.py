@@ -886,6 +886,113 @@ def _(ctx):
 
 
 # ---------------------------------------------------------------------------------------------
+# posterrt eval-layout: protocols and benchmark-style batches
+# ---------------------------------------------------------------------------------------------
+def eval_cli(ctx: Context, *arguments) -> Outcome:
+    """``posterrt eval-layout`` with ``arguments``: exit 2, one ``error:`` line, the class through a spy."""
+    from posterrt.runtime.cli import main
+    from posterrt.runtime.commands import eval_layout
+
+    seen = {}
+    real_run = eval_layout.run
+
+    def spy(args):
+        try:
+            return real_run(args)
+        except PosterRTError as error:
+            seen["class"] = type(error).__name__
+            raise
+
+    ctx.monkeypatch.setattr(eval_layout, "run", spy)
+    code = main(["eval-layout", *map(str, arguments), "--out", str(ctx.tmp / "report.json")])
+    err = ctx.capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert not (ctx.tmp / "report.json").exists()
+    return Outcome(seen.get("class", "?"), lines[0][len("error: "):])
+
+
+BATCH_BOXES = np.asarray([[[0.1, 0.1, 0.5, 0.2], [0.05, 0.05, 0.6, 0.25]], [[0.2, 0.5, 0.4, 0.6], [0, 0, 0, 0]]],
+                         np.float32)
+BATCH_CLASSES = np.asarray([[1, 3], [2, 0]])
+
+
+def _batch(ctx: Context, boxes=BATCH_BOXES, classes=BATCH_CLASSES) -> Path:
+    path = ctx.tmp / "batch.npz"
+    np.savez(path, boxes=boxes, classes=classes, canvas=[100, 100])
+    return path
+
+
+def _layout_json(ctx: Context, cls: str = "text") -> Path:
+    path = ctx.tmp / "layout.json"
+    path.write_text(json.dumps({"width": 100, "height": 100, "elements": [{"class": cls, "box": [0, 0, 50, 50]}]}))
+    return path
+
+
+@case("eval-protocol")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _layout_json(ctx), "--protocol", "cgl")
+
+
+@case("eval-protocol-class")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _layout_json(ctx, "embellishment"), "--protocol", "posterlayout")
+
+
+@case("eval-protocol-masks")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _layout_json(ctx), "--protocol", "radm", "--masks", ctx.files)
+
+
+@case("eval-batch-pickle")
+def _(ctx):
+    (ctx.tmp / "boxes.pt").write_bytes(b"PK\x03\x04 a torch.save zip would be unpickled")
+    return eval_cli(ctx, "--layouts", ctx.tmp / "boxes.pt")
+
+
+@case("eval-batch-object-array")
+def _(ctx):
+    np.save(ctx.tmp / "boxes.npy", np.asarray([{"boxes": 1}], dtype=object), allow_pickle=True)
+    return eval_cli(ctx, "--layouts", ctx.tmp / "boxes.npy", "--classes", ctx.tmp / "boxes.npy")
+
+
+@case("eval-batch-class-id")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _batch(ctx, classes=np.asarray([[1, 7], [2, 0]])))
+
+
+@case("eval-batch-box-order")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _batch(ctx, boxes=BATCH_BOXES[:, :, ::-1]))
+
+
+@case("eval-batch-names-count")
+def _(ctx):
+    (ctx.tmp / "names.txt").write_text("a.png\n")
+    return eval_cli(ctx, "--layouts", _batch(ctx), "--names", ctx.tmp / "names.txt")
+
+
+@case("eval-batch-no-names")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _batch(ctx), "--images", ctx.files)
+
+
+@case("eval-batch-flag-on-json")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _layout_json(ctx), "--canvas", "100x100")
+
+
+@case("eval-class-map")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _batch(ctx), "--class-map", "1=banner")
+
+
+@case("eval-canvas")
+def _(ctx):
+    return eval_cli(ctx, "--layouts", _batch(ctx), "--canvas", "513")
+
+
+# ---------------------------------------------------------------------------------------------
 # What a server lets in by default
 # ---------------------------------------------------------------------------------------------
 def test_server_binds_loopback_and_refuses_model_control(server):

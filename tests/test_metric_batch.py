@@ -126,3 +126,21 @@ def test_cli_batch_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and err.startswith("error: --names: the batch has no image names") and err.count("\n") == 1
     code = main(["eval-layout", "--layouts", str(tmp_path / "b.npz"), "--protocol", "cgl", "--out", str(tmp_path / "r.json")])
     assert code == 2 and "--protocol: got 'cgl', expected one of posterrt, posterlayout, radm" in capsys.readouterr().err
+
+
+def test_batch_without_a_canvas_takes_each_images_size(tmp_path, capsys):
+    # RADM's script reads each image's size; a batch without --canvas under radm does the same.
+    np.savez(tmp_path / "b.npz", boxes=BOXES, classes=CLASSES, names=np.asarray(["a.png", "b.png"]))
+    save(tmp_path / "images" / "a.png", np.zeros((200, 100)))
+    save(tmp_path / "images" / "b.png", np.zeros((40, 50)))
+    out = tmp_path / "r.json"
+    assert main(["eval-layout", "--layouts", str(tmp_path / "b.npz"), "--images", str(tmp_path / "images"),
+                 "--protocol", "radm", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["means"]["radm.occupancy"] == 1.0
+    # Without images, names or --canvas there is no canvas: one line naming --canvas.
+    np.savez(tmp_path / "c.npz", boxes=BOXES, classes=CLASSES)
+    assert main(["eval-layout", "--layouts", str(tmp_path / "c.npz"), "--out", str(out)]) == 2
+    assert "error: --canvas: no canvas size for layout 0 of c.npz" in capsys.readouterr().err
+    # Under posterlayout the script's 513 x 750 is the default canvas.
+    assert main(["eval-layout", "--layouts", str(tmp_path / "c.npz"), "--protocol", "posterlayout",
+                 "--out", str(out)]) == 0

@@ -88,7 +88,7 @@ def find_file(folder: Path | None, layout: Layout, layout_path: Path | None, fla
         if path.is_file():
             return path
     names = ", ".join(p.name for p in tried[:3]) + (", ..." if len(tried) > 3 else "")
-    raise InputError(f"{flag}: no file for layout {layout_path or layout.source!r} in {str(folder)!r}; looked for {names}")
+    raise InputError(f"{flag}: no file for layout {str(layout_path or layout.source)!r} in {str(folder)!r}; looked for {names}")
 
 
 def _image_size(folder: Path | None):
@@ -123,6 +123,7 @@ def read_layouts(args, protocol: Protocol) -> list[tuple[Layout, Path | None]]:
 
 def evaluate_files(args) -> dict:
     protocol = protocol_named(args.protocol)
+    protocol.check_masks(args.masks is not None, Fields())
     per_layout, rows = [], []
     for layout, layout_path in tqdm(read_layouts(args, protocol), desc="layouts", unit="layout", disable=None):
         image = find_file(args.images, layout, layout_path, "--images")

@@ -204,8 +204,8 @@ def batch_layouts(boxes, classes, class_map: Mapping[int, str], canvas, names: S
         if len(box_row) != len(id_row):
             raise InputError(f"classes[{index}]: {len(id_row)} ids, expected one per box ({len(box_row)})")
         if canvases[index] is None:
-            raise InputError(f"canvas: no size for layout {index} ({source}); give --canvas WIDTHxHEIGHT or the "
-                             f"images the layouts were made for")
+            raise InputError(f"--canvas: no canvas size for layout {index} of {source}; give --canvas WIDTHxHEIGHT "
+                             f"(or image names and --images, to take each image's size)")
         width, height = canvases[index]
         keep = id_row != EMPTY_ID
         for slot in np.flatnonzero(keep):

@@ -44,12 +44,19 @@ class Protocol:
     metrics: dict[str, MetricInfo]
     class_ids: Mapping[int, str]  # the default class-id map of a benchmark-style batch
     run: Callable[[Layout, object, Sequence, object, Fields], Evaluation]
+    reads_masks: bool = False  # only posterrt has a saliency stand-in made from product masks
+
+    def check_masks(self, given: bool, fields: Fields = Fields()) -> None:
+        if given and not self.reads_masks:
+            raise InputError(f"{fields.mask}: the {self.name} protocol has no saliency stand-in (its script reads "
+                             f"saliency maps only); give {fields.saliency} or use --protocol posterrt")
 
     def evaluate(self, layout: Layout, image=None, saliency: Sequence = (), mask=None,
                  fields: Fields = Fields()) -> Evaluation:
         """Tallies of every metric of this protocol for one layout. ``image``: the canvas (path, PIL
         image or array); ``saliency``: the maps (their element-wise max is used); ``mask``: a product
         mask (posterrt's saliency stand-in). A metric whose input is missing is undefined."""
+        self.check_masks(mask is not None, fields)
         evaluation = self.run(layout, image, list(saliency), mask, fields)
         assert evaluation.tallies.keys() == self.metrics.keys()
         return evaluation
@@ -84,14 +91,7 @@ def _posterrt(layout: Layout, image, maps: list, mask, fields: Fields) -> Evalua
     return Evaluation(evaluate_layout(layout, gray, salient.values), salient.source)
 
 
-def _no_masks(protocol: str, mask, fields: Fields) -> None:
-    if mask is not None:
-        raise InputError(f"{fields.mask}: the {protocol} protocol has no saliency stand-in (its script reads "
-                         f"saliency maps only); give {fields.saliency} or use --protocol posterrt")
-
-
 def _posterlayout(layout: Layout, image, maps: list, mask, fields: Fields) -> Evaluation:
-    _no_masks("posterlayout", mask, fields)
     gradient = None if image is None else posterlayout_script.gradient_8bit(image, layout, fields.image)
     saliency = posterlayout_script.saliency_map(maps, layout, fields.saliency) if maps else None
     source = "max of " + " + ".join(str(m) for m in maps) if maps else None
@@ -99,7 +99,6 @@ def _posterlayout(layout: Layout, image, maps: list, mask, fields: Fields) -> Ev
 
 
 def _radm(layout: Layout, image, maps: list, mask, fields: Fields) -> Evaluation:
-    _no_masks("radm", mask, fields)
     gray = None if image is None else canvas_gray(image, layout, fields.image)
     return Evaluation(radm_script.evaluate(layout, gray), None)
 
@@ -110,7 +109,8 @@ def _metrics(*families) -> dict[str, MetricInfo]:
 
 PROTOCOLS: dict[str, Protocol] = {
     "posterrt": Protocol("posterrt", "posterrt's corrected definitions (docs/metrics.md)",
-                         _metrics(*POSTERRT_FAMILIES), posterlayout_script.CLASS_IDS, _posterrt),
+                         _metrics(*POSTERRT_FAMILIES), posterlayout_script.CLASS_IDS, _posterrt,
+                         reads_masks=True),
     "posterlayout": Protocol("posterlayout", "PosterLayout-CVPR2023 eval.py, quirks included",
                              _metrics(posterlayout_script), posterlayout_script.CLASS_IDS, _posterlayout),
     "radm": Protocol("radm", "RADM metrics.py, quirks included", _metrics(radm_script), radm_script.CLASS_IDS, _radm),
