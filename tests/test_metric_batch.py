@@ -144,3 +144,30 @@ def test_batch_without_a_canvas_takes_each_images_size(tmp_path, capsys):
     # Under posterlayout the script's 513 x 750 is the default canvas.
     assert main(["eval-layout", "--layouts", str(tmp_path / "c.npz"), "--protocol", "posterlayout",
                  "--out", str(out)]) == 0
+
+
+def test_coco_results_as_radm_writes_them(tmp_path, capsys):
+    # RADM's own files: coco_instances_results.json (pixel x, y, w, h) and test.json (the images, in
+    # the order image_id counts them). Image 0: text A, its exact duplicate A', a logo B over half of
+    # each; image 1: nothing; image 2: the same text box twice with different scores (unequal records).
+    images = [{"file_name": name, "id": 10 + i, "width": 100, "height": 100} for i, name in enumerate("abc")]
+    (tmp_path / "test.json").write_text(json.dumps({"images": images}))
+    text = {"bbox": [0, 0, 10, 10], "category_id": 1, "score": 0.9}
+    results = [dict(text, image_id=0), dict(text, image_id=0),
+               {"image_id": 0, "bbox": [5, 0, 10, 10], "category_id": 2, "score": 0.5},
+               dict(text, image_id=2), dict(text, image_id=2, score=0.8)]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "r.json"
+    assert main(["eval-layout", "--layouts", str(tmp_path / "results.json"), "--names", str(tmp_path / "test.json"),
+                 "--protocol", "radm", "--out", str(out)]) == 0
+    means = json.loads(out.read_text())["means"]
+    # R_ove: image 0 gives 4 pairs of .5 (A-A' skipped), image 2 two pairs of 1: (2 + 2) / 6.
+    assert means["radm.R_ove"] == pytest.approx(2 / 3)
+    assert means["radm.occupancy"] == pytest.approx(2 / 3)  # 2 of 3 images have a prediction
+    results[1]["image_id"] = 3
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["eval-layout", "--layouts", str(tmp_path / "results.json"), "--names", str(tmp_path / "test.json"),
+                 "--protocol", "radm", "--out", str(out)]) == 2
+    assert "results.json[1].image_id: got 3, expected the position of an image in --names (0..2)" in capsys.readouterr().err
+    assert main(["eval-layout", "--layouts", str(tmp_path / "results.json"), "--out", str(out)]) == 2
+    assert "--names: " in capsys.readouterr().err

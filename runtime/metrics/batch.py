@@ -37,7 +37,8 @@ class Batch:
 
 
 def is_batch_file(path: Path) -> bool:
-    """A .npy / .npz file, or a JSON object with ``boxes`` (a layout JSON has ``elements``)."""
+    """A .npy / .npz file, a JSON object with ``boxes`` (a layout JSON has ``elements``), or a COCO
+    results list (``[{"image_id", "bbox", "category_id", "score"}, ...]``, what RADM writes)."""
     if path.suffix.lower() in ARRAY_SUFFIXES + PICKLE_SUFFIXES:
         return True
     if path.suffix.lower() != ".json" or not path.is_file():
@@ -47,7 +48,8 @@ def is_batch_file(path: Path) -> bool:
         data = json.loads(head)
     except json.JSONDecodeError:
         return False
-    return isinstance(data, Mapping) and "boxes" in data
+    return (isinstance(data, Mapping) and "boxes" in data) or (
+        isinstance(data, list) and bool(data) and isinstance(data[0], Mapping) and "bbox" in data[0])
 
 
 def parse_canvas(value, field: str = "--canvas") -> tuple[int, int]:
@@ -121,7 +123,8 @@ def _load_array(path: Path, field: str, key: str | None = None) -> np.ndarray:
 
 
 def read_names(path: str | os.PathLike, field: str = "--names") -> list[str]:
-    """Image names, one per line of a text file, or a JSON list."""
+    """Image names, one per line of a text file, a JSON list, or a COCO annotation file's ``images``
+    (their ``file_name`` in order: RADM's ``test.json``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{field}: file {str(path)!r} does not exist")
@@ -138,10 +141,13 @@ def read_names(path: str | os.PathLike, field: str = "--names") -> list[str]:
 
 
 def _names(value, field: str) -> list[str]:
+    if isinstance(value, Mapping) and isinstance(value.get("images"), list):
+        value = [image.get("file_name") if isinstance(image, Mapping) else None for image in value["images"]]
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise InputError(f"{field}: expected a list of image file names (non-empty strings)")
+        raise InputError(f"{field}: expected a list of image file names (non-empty strings), or a COCO file whose "
+                         f"'images' each have a 'file_name'")
     return [v.strip() for v in value]
 
 
@@ -231,22 +237,92 @@ def _check_slot(box: np.ndarray, class_id, class_map: Mapping[int, str], index: 
                          f"(normalized ltrb)")
 
 
+def _coco_number(value, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{field}: got {value!r}, expected a finite number")
+    return float(value)
+
+
+def coco_layouts(results: list, class_map: Mapping[int, str], names: Sequence[str], canvases: Sequence,
+                 source: str = "results") -> list[Layout]:
+    """One layout per image from COCO-style predictions ``{"image_id", "bbox": [x, y, w, h] (pixels),
+    "category_id", "score"}``. ``image_id`` is the image's position in ``names`` (RADM's script
+    enumerates its test.json images); an image without predictions is an empty layout."""
+    elements: list[list] = [[] for _ in names]
+    for index, record in enumerate(results):
+        where = f"{source}[{index}]"
+        if not isinstance(record, Mapping):
+            raise InputError(f"{where}: got {type(record).__name__}, expected an object with image_id, bbox, category_id")
+        image_id = record.get("image_id")
+        if isinstance(image_id, bool) or not isinstance(image_id, int) or not 0 <= image_id < len(names):
+            raise InputError(f"{where}.image_id: got {image_id!r}, expected the position of an image in --names "
+                             f"(0..{len(names) - 1})")
+        bbox = record.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise InputError(f"{where}.bbox: got {bbox!r}, expected [x, y, w, h] in pixels")
+        x, y, w, h = (_coco_number(v, f"{where}.bbox") for v in bbox)
+        if w < 0 or h < 0:
+            raise InputError(f"{where}.bbox: {bbox}, expected w >= 0 and h >= 0")
+        category = record.get("category_id")
+        if isinstance(category, bool) or not isinstance(category, int) or category not in class_map:
+            known = ", ".join(f"{k}={v}" for k, v in sorted(class_map.items()))
+            raise InputError(f"{where}.category_id: got {category!r}, expected an id of the class map ({known})")
+        score = record.get("score")
+        elements[image_id].append(([x, y, x + w, y + h], class_map[category],
+                                   None if score is None else _coco_number(score, f"{where}.score")))
+    layouts = []
+    for index, (name, items) in enumerate(zip(names, elements)):
+        if canvases[index] is None:
+            raise InputError(f"--canvas: no canvas size for image {name!r}; give --canvas WIDTHxHEIGHT, a COCO "
+                             f"--names file with width and height, or --images")
+        width, height = canvases[index]
+        boxes = np.asarray([box for box, _, _ in items], dtype=np.float64).reshape(-1, 4)
+        layouts.append(Layout(width, height, boxes, tuple(c for _, c, _ in items), tuple(s for _, _, s in items),
+                              image_path=name, source=f"{source} image {index}"))
+    return layouts
+
+
+def read_coco_sizes(path: str | os.PathLike) -> list[tuple[int, int]] | None:
+    """The (width, height) of each image of a COCO annotation file, or None if it has none."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    images = data.get("images") if isinstance(data, Mapping) else None
+    if not isinstance(images, list):
+        return None
+    try:
+        return [parse_canvas([image["width"], image["height"]], f"{path.name}: images[{index}]")
+                for index, image in enumerate(images)]
+    except (KeyError, TypeError):
+        return None
+
+
 def read_batch(path: str | os.PathLike, default_class_map: Mapping[int, str], *, class_map=None, classes_path=None,
                names_path=None, canvas=None, default_canvas=None, image_size=None) -> Batch:
-    """A batch from ``path`` (.npz, .npy with ``classes_path``, or JSON).
+    """A batch from ``path`` (.npz, .npy with ``classes_path``, JSON, or COCO results with the
+    images they index in ``names_path``).
 
     The class map is ``class_map``, else the file's ``class_map``, else ``default_class_map`` (the
     protocol's benchmark ids). The canvas is ``canvas``, else the file's, else ``default_canvas``,
     else ``image_size(name)`` of each layout's image."""
     path = Path(path)
     loaded = _load_array(path, "--layouts")
+    if isinstance(loaded, list):  # COCO results (RADM's coco_instances_results.json)
+        if names_path is None:
+            raise InputError(f"--names: {str(path)!r} holds COCO results; give the images they index, in order "
+                             f"(the COCO annotation file, e.g. RADM's test.json, or one name per line)")
+        names = read_names(names_path)
+        sizes = ([canvas] * len(names) if canvas else read_coco_sizes(names_path)
+                 or [default_canvas or (image_size(name) if image_size else None) for name in names])
+        return Batch(coco_layouts(loaded, dict(class_map or default_class_map), names, sizes, path.name), names)
     if isinstance(loaded, np.ndarray):  # a .npy holds the boxes only
         data = {"boxes": loaded}
     elif isinstance(loaded, Mapping):
         data = dict(loaded)
     else:
         raise InputError(f"--layouts: {str(path)!r} holds {type(loaded).__name__}, expected an object with 'boxes' "
-                         f"and 'classes'")
+                         f"and 'classes', or a list of COCO results")
     if "boxes" not in data:
         raise InputError(f"--layouts: {str(path)!r} has no 'boxes' (keys: {', '.join(sorted(data)) or 'none'}), "
                          f"expected normalized ltrb boxes [N, K, 4]")
