@@ -2,7 +2,9 @@
 S3 endpoint (moto's server), two tritonservers serving straight from it (explicit model control),
 clients spreading over both. Every pipeline matches the embedded backend; a new model version
 pushed and rolled out under a steady request stream fails no request and later answers come from
-it; a server killed mid-run loses no request. Tests run in file order: the last one kills servers."""
+it; a server killed mid-run loses no request; a server polling the store serves the live version
+past a stopped push and loads the finished one. Tests run in file order: the kill test ends the
+fleet's two servers, later tests start their own."""
 from __future__ import annotations
 
 import shutil
@@ -186,3 +188,33 @@ def test_a_server_killed_mid_run_loses_no_request(fleet, bundle, reference):
         with pytest.raises(BackendError, match=r"model 'plannet_denoiser': no Triton server answered .* over "
                                                r"\['grpc://127.0.0.1:\d+', 'http://127.0.0.1:\d+'\]"):
             backend.run(STEP_MODEL, requests[0])
+
+
+def test_poll_mode_serves_the_live_version_past_a_stopped_push_and_picks_up_the_finished_one(endpoint, repo, tmp_path,
+                                                                                               monkeypatch):
+    single = tmp_path / "single"
+    shutil.copytree(repo / STEP_MODEL, single / STEP_MODEL)
+    where = parse_store_url("s3://models/polled", endpoint)
+    push_repository(single, where, progress=False)
+    change_instances(single, STEP_MODEL, 1)
+    real_client = store.store_client
+    monkeypatch.setattr(store, "store_client", lambda location: DropsAfter(real_client(location), uploads=1))
+    with pytest.raises(Exception, match="the store still serves plannet_denoiser v1"):
+        push_repository(single, where, progress=False)
+    monkeypatch.setattr(store, "store_client", real_client)
+    log = LogBuffer()
+    server = start_server(where.url, endpoint_url=endpoint, model_control="poll", poll_interval_s=1, log=log)
+    try:
+        assert "a push stopped half-way left newer versions that are not served: plannet_denoiser v2 (serving v1)" \
+            in log.text()
+        assert [(m["name"], m["version"]) for m in server.repository_index() if m["state"] == "READY"] == [(STEP_MODEL, "1")]
+        push_repository(single, where, progress=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = {m["version"] for m in server.repository_index() if m["state"] == "READY"}
+            if ready == {"2"}:
+                break
+            time.sleep(0.5)
+        assert ready == {"2"}, f"the server did not load version 2 at its polls: {server.repository_index()}"
+    finally:
+        server.stop()
