@@ -992,6 +992,13 @@ def _(ctx):
     return eval_cli(ctx, "--layouts", _batch(ctx), "--canvas", "513")
 
 
+@case("eval-coco-image-id")
+def _(ctx):
+    (ctx.tmp / "results.json").write_text(json.dumps([{"image_id": 3, "bbox": [0, 0, 5, 5], "category_id": 1}]))
+    (ctx.tmp / "names.txt").write_text("a.png\nb.png\n")
+    return eval_cli(ctx, "--layouts", ctx.tmp / "results.json", "--names", ctx.tmp / "names.txt", "--canvas", "10x10")
+
+
 # ---------------------------------------------------------------------------------------------
 # What a server lets in by default
 # ---------------------------------------------------------------------------------------------

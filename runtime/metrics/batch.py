@@ -226,9 +226,11 @@ def batch_layouts(boxes, classes, class_map: Mapping[int, str], canvas, names: S
 
 
 def _check_slot(box: np.ndarray, class_id, class_map: Mapping[int, str], index: int, slot: int) -> None:
-    if not math.isfinite(float(class_id)) or float(class_id) != int(class_id) or int(class_id) not in class_map:
+    value = float(class_id)
+    if not math.isfinite(value) or value != int(value) or int(value) not in class_map:
         known = ", ".join(f"{k}={v}" for k, v in sorted(class_map.items()))
-        raise InputError(f"classes[{index}][{slot}]: id {class_id!r} is not in the class map ({known}; 0 = empty "
+        shown = int(value) if math.isfinite(value) and value == int(value) else value
+        raise InputError(f"classes[{index}][{slot}]: id {shown} is not in the class map ({known}; 0 = empty "
                          f"slot); pass --class-map")
     if not np.all(np.isfinite(box)):
         raise InputError(f"boxes[{index}][{slot}]: {box.tolist()} is not 4 finite numbers")
