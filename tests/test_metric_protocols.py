@@ -76,7 +76,7 @@ def test_pl_validity_threshold_is_the_scripts():
 
 
 def test_pl_scores_empty_measures_as_zero_over_all_layouts():
-    # Layout 1: text over a saliency-free left half; layout 2: a logo only (no text pixel). The script
+    # Layout 1: text across a rising edge; layout 2: a logo only (no text pixel). The script
     # counts layout 2's readability as 0 in a mean over both layouts; posterrt leaves it out.
     image = np.zeros((100, 100), np.uint8)
     image[:, 50:] = 100  # a rising step: the script's uint8 Sobel sees it
@@ -278,6 +278,11 @@ def test_radm_protocol_agrees_with_posterrt_without_quirks(seed):
             assert script[name] == pytest.approx(corrected[name], rel=1e-6), name
     # R_ali: -ln(1 - d + 1e-6) against -ln(1 - d): gaps stay under .5 here, so within 2e-6.
     assert script["radm.R_ali"] == pytest.approx(corrected["radm.R_ali"], abs=2e-6)
+
+
+def test_unknown_protocol_names_the_argument():
+    with pytest.raises(Exception, match="protocol: got 'cgl', expected one of posterrt, posterlayout, radm"):
+        layout_metrics([make_layout(10, 10, [])], protocol="cgl")
 
 
 def test_script_protocols_report_the_same_keys_as_posterrt():
