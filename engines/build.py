@@ -24,6 +24,7 @@ from posterrt.runtime.errors import InputError, PosterRTError
 
 from .cleanup import prepare_onnx
 from .manifest import EngineError, current_gpu, engine_entry, update_entry
+from .onnx_operators import blocking, check_file
 from .precision import check_precision
 from posterrt.runtime.profiles import model_profile, profile_ranges
 
@@ -106,9 +107,17 @@ def file_logger(trt, path: Path):
     return FileLogger()
 
 
+def load_plugins(trt, logger, plugins) -> None:
+    """Register TensorRT's own plugins (libnvinfer_plugin) when a graph needs one: the ONNX parser
+    imports RoiAlign as ROIAlign_TRT, and parsing, refitting and deserializing all look it up."""
+    if plugins and not trt.init_libnvinfer_plugins(logger, ""):
+        raise EngineError(f"TensorRT could not load its plugin library (libnvinfer_plugin), needed for {', '.join(plugins)}")
+
+
 def build_plan(trt, onnx_path: Path, profile: dict, *, precision: str, opt_level: int, workspace_gb: float,
-               refittable: bool, timing_cache: bytes, logger) -> tuple[bytes, bytes]:
+               refittable: bool, timing_cache: bytes, logger, plugins=()) -> tuple[bytes, bytes]:
     """Build one plan. Returns (plan bytes, updated timing cache bytes)."""
+    load_plugins(trt, logger, plugins)
     builder = trt.Builder(logger)
     # Strongly typed: the ONNX's types are the precision (see engines/precision.py). TensorRT 11
     # builds every network this way; on 10.x the flag opts in.
@@ -169,6 +178,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def parser_check(prepared: Path, model: str) -> dict:
+    """The operator report of the ONNX the parser is about to get; a graph it would reject stops
+    here, naming the operator, rather than deep in TensorRT's log."""
+    operators = check_file(prepared, model)
+    if operators["verdict"] == "rejected":
+        raise EngineError(f"{model}: TensorRT's ONNX parser would reject the prepared graph: {blocking(operators)[0]}; "
+                          f"serve {model} with the gpu-onnx flavor (posterrt repo build --flavor gpu-onnx)")
+    return operators
+
+
 def plan_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -203,10 +222,11 @@ def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildO
                                       precision=options.precision, tool=options.clean_tool,
                                       refittable=model in options.refittable)
                 logger.log(trt.ILogger.Severity.INFO, f"prepared ONNX: {report}")
+                operators = parser_check(prepared, model)
                 plan, timing_cache = build_plan(
                     trt, prepared, profile, precision=options.precision, opt_level=options.opt_level,
                     workspace_gb=options.workspace_gb, refittable=model in options.refittable,
-                    timing_cache=timing_cache, logger=logger)
+                    timing_cache=timing_cache, logger=logger, plugins=operators["plugins"])
         finally:
             logger.close()
         write_atomic(out / f"{model}.plan", plan)
@@ -219,5 +239,6 @@ def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildO
             plan_sha256=plan_digest(plan))
         entry["onnx_prepare"] = {k: report[k] for k in ("tool", "skipped_optimizations", "nodes_before",
                                                           "nodes_after", "fp32_nodes")}
+        entry["plugins"] = operators["plugins"]  # whoever loads the plan must register these
         manifest = update_entry(out, model, entry)
     return manifest

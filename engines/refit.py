@@ -15,7 +15,7 @@ from pathlib import Path
 
 from posterrt.runtime.bundle import sha256_file
 
-from .build import file_logger, import_tensorrt, plan_digest, write_atomic
+from .build import file_logger, import_tensorrt, load_plugins, plan_digest, write_atomic
 from .cleanup import prepare_onnx
 from .manifest import (EngineError, check_engine_compatible, check_plan_hash, current_gpu, now, read_manifest,
                        write_manifest)
@@ -72,6 +72,7 @@ def refit_engine(plan_path, onnx_path) -> dict:
             # the refit again finishes that job); anything else was replaced behind our back.
             if plan_digest(data) != entry.get("refit_pending_sha256"):
                 check_plan_hash(plan, entry)
+            load_plugins(trt, logger, entry.get("plugins", ()))
             engine = trt.Runtime(logger).deserialize_cuda_engine(data)
             if engine is None:
                 raise EngineError(f"TensorRT could not load {plan}; rebuild it")

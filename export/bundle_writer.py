@@ -96,6 +96,7 @@ def export_bundle(preset: str, models: list[str], out: Path, sources: Sources | 
             manifest["models"][name] = entry
             manifest["config"][MODEL_FAMILY[name]] = exportable.config
             del exportable  # paper-size modules are large: free before the next one
+        _write_tensorrt_ops_report(staging, out, manifest, models)
         manifest.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         libraries=library_versions(), export_seconds=round(time.perf_counter() - started, 1))
         _write_accuracy_report(staging, out, manifest, models, sources, accuracy, progress)
@@ -103,6 +104,16 @@ def export_bundle(preset: str, models: list[str], out: Path, sources: Sources | 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _write_tensorrt_ops_report(staging: Path, out: Path, manifest: dict, models: list[str]) -> None:
+    """``staging/tensorrt_ops.json``: every exported graph against TensorRT's ONNX parser table
+    (engines/onnx_operators.py); a finding does not stop the export: the CPU flavors do not care."""
+    from posterrt.engines.onnx_operators import REPORT_FILE, write_bundle_report
+
+    previous = out / REPORT_FILE
+    write_bundle_report(staging, {name: manifest["models"][name]["file"] for name in models},
+                        json.loads(previous.read_text()) if previous.is_file() else None)
 
 
 def _write_accuracy_report(staging: Path, out: Path, manifest: dict, models: list[str], sources: Sources,

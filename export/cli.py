@@ -43,6 +43,7 @@ def run(args) -> int:
         print(f"{name:18s} {entry['bytes'] / 1e6:9.1f} MB  parity max rel {entry['parity']['max_rel']:.1e} "
               f"(tol {entry['parity']['tolerance_rel']:.0e})  {entry['export_seconds']:.1f}s")
     _print_accuracy(args.out, ran=not args.no_accuracy)
+    _print_tensorrt_ops(args.out)
     print(f"bundle: {args.out} ({manifest['export_seconds']}s)")
     return 0
 
@@ -54,3 +55,10 @@ def _print_accuracy(out: Path, ran: bool) -> None:
     if ran and path.is_file():
         print("\n".join(summary_lines(json.loads(path.read_text()))))
         print(f"accuracy report: {path}")
+
+
+def _print_tensorrt_ops(out: Path) -> None:
+    from posterrt.engines.onnx_operators import REPORT_FILE
+
+    path = out / REPORT_FILE
+    print(f"{json.loads(path.read_text())['summary']}\nTensorRT operator report: {path}")

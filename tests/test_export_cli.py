@@ -51,6 +51,19 @@ def test_export_writes_models_manifest_and_parity(exported, capsys):
     assert bundle.config["radm"]["class_names"] == ["logo", "text", "underlay", "embellishment"]
 
 
+def test_export_writes_the_tensorrt_operator_report(exported, capsys):
+    from posterrt.engines.onnx_operators import REPORT_FILE
+    from posterrt.export.cli import _print_tensorrt_ops
+
+    _, out = exported
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert sorted(report["models"]) == sorted(RADM_MODELS.split(","))
+    _print_tensorrt_ops(out)
+    assert capsys.readouterr().out.splitlines() == [
+        "TensorRT 10.15 ONNX parser table: 2 of 3 models clean; radm_head needs ROIAlign_TRT",
+        f"TensorRT operator report: {out / REPORT_FILE}"]
+
+
 def test_no_staging_folder_is_left_beside_the_bundle(exported):
     _, out = exported
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]

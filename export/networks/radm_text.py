@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from posterrt.runtime.errors import CheckpointError
@@ -70,5 +71,14 @@ class RADMTextEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         # a tuple: outputs in contract order, like every served module
-        return (self.roberta(input_ids=input_ids, attention_mask=attention_mask).pooler_output,)
+        return (self.roberta(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=self.position_ids(input_ids)).pooler_output,)
+
+    def position_ids(self, input_ids):
+        """RoBERTa's own position ids (padding keeps the padding id, tokens count up after it),
+        summed in float: transformers sums an int32 mask, and TensorRT's ONNX parser lists CumSum
+        for float types only (engines/onnx_operators.py). Exact below 2**24 tokens per row."""
+        padding = self.roberta.config.pad_token_id
+        mask = input_ids.ne(padding).float()
+        return (torch.cumsum(mask, dim=1) * mask).long() + padding
 
