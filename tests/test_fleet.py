@@ -164,6 +164,25 @@ def test_new_version_rolls_out_under_load_without_a_failed_request(fleet, locati
                                               if m["state"] == "READY"}[STEP_MODEL] == "2" for server in fleet)
 
 
+def test_a_version_that_fails_to_load_leaves_the_served_one_serving(fleet, location, repo, bundle, reference, tmp_path):
+    broken = tmp_path / "model_repository"
+    shutil.copytree(repo / STEP_MODEL, broken / STEP_MODEL)
+    change_instances(broken, STEP_MODEL, 2)  # a new revision (v3) ...
+    model_file = broken / STEP_MODEL / "1" / "model.onnx"
+    model_file.unlink()
+    model_file.write_bytes(b"not an onnx file")  # ... whose weights are corrupt
+    assert push_repository(broken, location, progress=False).changed == {STEP_MODEL: (2, 3)}
+    done = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "repo", "reload", "--servers", fleet[0].http_url,
+                           "--repo", location.url, "--endpoint-url", location.endpoint_url],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"could not load model '{STEP_MODEL}'" in done.stderr and "it still serves version 2" in done.stderr
+    (request,) = step_inputs(bundle, 1, seed=70)
+    with TritonBackend(bundle, fleet[0].http_url, models=[STEP_MODEL]) as backend:
+        assert_close(backend.run(STEP_MODEL, request), reference.run(STEP_MODEL, request), "after the failed load")
+        assert backend.servers[0].answered_versions == {(STEP_MODEL, "2"): 1}
+
+
 def test_a_server_killed_mid_run_loses_no_request(fleet, bundle, reference):
     requests = step_inputs(bundle, 60, seed=100)
     expected = [reference.run(STEP_MODEL, r) for r in requests]
