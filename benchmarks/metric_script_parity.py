@@ -62,6 +62,17 @@ def array_from_torch_save(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
+@contextlib.contextmanager
+def inside(folder: str):
+    """Run in ``folder`` (eval.py reads ``Dataset/test/...`` relative to the working directory)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def load_module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -124,7 +135,7 @@ def posterlayout_rows(repo: Path, count: int, seed: int) -> list:
         compare(rows, f"results.txt {name}", float(published[key]), means[f"posterlayout.{name}"])
 
     script = load_module("posterlayout_eval", repo / "eval.py")
-    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+    with tempfile.TemporaryDirectory() as tmp, inside(tmp):
         names = make_dataset(Path(tmp), count, seed)
         subset_boxes, subset_classes = boxes[:count].copy(), classes[:count].copy()
         np.savez("b.npz", boxes=subset_boxes, classes=subset_classes, names=np.asarray(names))
@@ -157,7 +168,7 @@ def radm_rows(repo: Path, posterlayout_repo: Path, count: int, seed: int) -> lis
     classes[3][classes[3] == 2] = 4  # some embellishments (RADM's id 4)
     classes[9 % count][classes[9 % count] == 2] = 4
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+    with tempfile.TemporaryDirectory() as tmp, inside(tmp):
         names = make_dataset(Path(tmp), count, seed)
         folder = Path("Dataset/test/image_canvas")
         images, results = [], []
