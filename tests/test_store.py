@@ -171,6 +171,10 @@ def test_push_command_prints_versions_and_never_the_credentials(repo, endpoint, 
         f"error: bucket 'absent-bucket' does not exist at {endpoint}: create it or fix the URL"]
     for output in (done.stdout, done.stderr, failed.stdout, failed.stderr):
         assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in output and CREDENTIALS["AWS_ACCESS_KEY_ID"] not in output
+    reload = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "repo", "reload", "--servers", "ftp://host:1",
+                             "--models", "plannet_denoiser"], capture_output=True, text=True, timeout=120)
+    assert reload.returncode == 2 and reload.stderr.strip().splitlines() == [
+        "error: --servers: 'ftp://host:1' is not a Triton URL; expected http://HOST:PORT or grpc://HOST:PORT"]
     manifest = json.loads(boto3.client("s3", endpoint_url=endpoint).get_object(
         Bucket="models", Key=f"cli/{STORE_MANIFEST}")["Body"].read())
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)

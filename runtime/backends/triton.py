@@ -165,16 +165,16 @@ class Server:
     answered_versions: collections.Counter = field(default_factory=collections.Counter)  # (model, version) -> answers
 
 
-def parse_urls(urls: str | Sequence[str]) -> list[tuple[str, str, str]]:
-    """``"http://a:8000,grpc://b:8001"`` -> [(url, scheme, "a:8000"), ...]."""
+def parse_urls(urls: str | Sequence[str], flag: str = "--backend") -> list[tuple[str, str, str]]:
+    """``"http://a:8000,grpc://b:8001"`` -> [(url, scheme, "a:8000"), ...]; errors name ``flag``."""
     items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u and u.strip()]
     if not items:
-        raise InputError("--backend: no Triton URL given; expected http://HOST:PORT or grpc://HOST:PORT")
+        raise InputError(f"{flag}: no Triton URL given; expected http://HOST:PORT or grpc://HOST:PORT")
     parsed = []
     for url in items:
         scheme, sep, address = url.partition("://")
         if not sep or scheme not in SCHEMES or not address or "/" in address.rstrip("/"):
-            raise InputError(f"--backend: {url!r} is not a Triton URL; expected http://HOST:PORT or grpc://HOST:PORT")
+            raise InputError(f"{flag}: {url!r} is not a Triton URL; expected http://HOST:PORT or grpc://HOST:PORT")
         parsed.append((url, scheme, address.rstrip("/")))
     return parsed
 

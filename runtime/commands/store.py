@@ -57,7 +57,7 @@ def run_reload(args: argparse.Namespace) -> int:
     from ..triton.model_control import rolling_reload
     from ..triton.store import check_store, parse_store_url
 
-    servers = parse_urls(args.servers)
+    servers = parse_urls(args.servers, flag="--servers")
     live, models = None, None
     if args.repo:
         live = check_store(parse_store_url(args.repo, args.endpoint_url)).live
