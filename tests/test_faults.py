@@ -515,9 +515,10 @@ def test_export_killed_mid_run_leaves_nothing_and_the_next_export_cleans_up(tmp_
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_trt(monkeypatch):
-    from test_engines import H100, fake_tensorrt
+    from test_engines import H100, TRT_VERSION
+    from trt_standin import standin
 
-    trt = fake_tensorrt()
+    trt = standin(TRT_VERSION)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr("posterrt.engines.build.current_gpu", lambda: H100)
     monkeypatch.setattr("posterrt.engines.refit.current_gpu", lambda: H100)
