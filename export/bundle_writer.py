@@ -23,7 +23,7 @@ from posterrt.runtime.contracts import CONTRACT_VERSION
 from posterrt.runtime.errors import BundleError, ParityError
 
 from .onnx_export import OPSET, export_and_check
-from .registry import FAMILIES, MODEL_FAMILY, family_module
+from .registry import FAMILIES, MODEL_FAMILY, WEIGHTS_FROM, family_module, with_weight_sharers
 
 
 @dataclass
@@ -66,6 +66,7 @@ def export_bundle(preset: str, models: list[str], out: Path, sources: Sources | 
                   progress: bool = True, accuracy: bool = True) -> dict:
     sources = sources or Sources()
     out = Path(out)
+    models = with_weight_sharers(models)
     manifest = _read_existing(out, preset) or {
         "format": BUNDLE_FORMAT, "contract_version": CONTRACT_VERSION, "preset": preset, "opset": OPSET,
         "models": {}, "config": {}, "assets": {},
@@ -87,7 +88,9 @@ def export_bundle(preset: str, models: list[str], out: Path, sources: Sources | 
         for name in bar:
             bar.set_postfix_str(name)
             exportable = family_module(MODEL_FAMILY[name]).build(name, preset, sources)
-            entry = export_and_check(exportable, staging)
+            owner = WEIGHTS_FROM.get(name)
+            entry = export_and_check(exportable, staging, weights_file=name in WEIGHTS_FROM.values(),
+                                     weights_from=staging / f"{owner}.onnx" if owner else None)
             entry["static_dims"] = exportable.static_dims
             entry["bytes"] = sum((staging / f).stat().st_size for f in [entry["file"], *entry["data_files"]])
             entry["sha256"] = sha256_file(staging / entry["file"])

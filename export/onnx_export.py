@@ -1,6 +1,7 @@
 """ONNX export of one Exportable, and its parity check against the PyTorch module in ONNX Runtime."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
@@ -19,8 +20,9 @@ OPSET = 17  # the legacy (dynamo=False) exporter is exact at 17; dynamo=True nee
 TWO_GB = 2 ** 31 - 1
 
 
-def export_onnx(exportable: Exportable, path: Path) -> list[str]:
-    """Trace ``exportable`` to ``path``. Returns the external-data file names (empty below 2 GB)."""
+def export_onnx(exportable: Exportable, path: Path, weights_file: bool = False) -> list[str]:
+    """Trace ``exportable`` to ``path``. Returns the external-data file names (empty below 2 GB unless
+    ``weights_file``: then the weights always go to ``<model>.onnx.data``, for other graphs to share)."""
     contract = exportable.contract
     trace_inputs = exportable.inputs(default_sizes("trace"), seed=0)
     args = tuple(torch.from_numpy(trace_inputs[n]) for n in contract.input_names)
@@ -33,10 +35,10 @@ def export_onnx(exportable: Exportable, path: Path) -> list[str]:
             dynamic_axes=contract.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
             dynamo=False,
         )
-    return gather_external_data(path)
+    return gather_external_data(path, always=weights_file)
 
 
-def gather_external_data(path: Path) -> list[str]:
+def gather_external_data(path: Path, always: bool = False) -> list[str]:
     """Past 2 GB the tracer scatters one file per tensor beside ``path``; gather them into one
     ``<model>.onnx.data`` and delete the scattered files. Returns the external-data file names
     (empty when the model holds its weights inline).
@@ -47,9 +49,10 @@ def gather_external_data(path: Path) -> list[str]:
 
     model = onnx.load(str(path), load_external_data=False)
     scattered = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
-    if not scattered:
+    if not scattered and not always:
         return []
-    load_external_data_for_model(model, str(path.parent))
+    if scattered:
+        load_external_data_for_model(model, str(path.parent))
     data_name = path.name + ".data"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
@@ -60,6 +63,41 @@ def gather_external_data(path: Path) -> list[str]:
         return []
     data_path.chmod(path.stat().st_mode & 0o777)  # onnx writes it 0600; readers (Triton) need the model's mode
     return [data_name]
+
+
+def share_weights(path: Path, owner: Path) -> list[str]:
+    """Point every initializer of ``path`` that equals one of ``owner``'s external tensors (same dtype,
+    shape and bytes) at that tensor in ``owner``'s data file, so two graphs of one network keep one copy
+    of the weights on disk. Matching by content, not by name: the tracer names a weight after its
+    module path, which differs between the graphs, and constant folding renames transposed weights.
+    The few tensors without a twin stay inline. Returns the data files ``path`` now reads."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+
+    owner_model = onnx.load(str(owner), load_external_data=False)
+    twins = {}
+    for tensor in owner_model.graph.initializer:
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            with open(owner.parent / info.location, "rb") as handle:
+                handle.seek(info.offset or 0)
+                content = handle.read(info.length)
+            twins[(tensor.data_type, tuple(tensor.dims), hashlib.sha256(content).digest())] = info
+    model = onnx.load(str(path))
+    used = set()
+    for tensor in model.graph.initializer:
+        content = numpy_helper.to_array(tensor).tobytes()
+        info = twins.get((tensor.data_type, tuple(tensor.dims), hashlib.sha256(content).digest()))
+        if info is None:
+            continue
+        set_external_data(tensor, location=info.location, offset=info.offset or 0, length=len(content))
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        used.add(info.location)
+    onnx.save_model(model, str(path))
+    for stale in path.parent.glob(path.name + ".data"):  # its own file (past 2 GB) is now unused
+        stale.unlink()
+    return sorted(used)
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray, scale_mask: np.ndarray | None = None) -> tuple[float, float]:
@@ -104,11 +142,16 @@ def check_parity(exportable: Exportable, onnx_path: Path, session_options=None) 
     return report
 
 
-def export_and_check(exportable: Exportable, folder: Path) -> dict:
-    """Export to ``folder/<name>.onnx`` and check parity; raises ParityError when it fails."""
+def export_and_check(exportable: Exportable, folder: Path, weights_file: bool = False,
+                     weights_from: Path | None = None) -> dict:
+    """Export to ``folder/<name>.onnx`` and check parity; raises ParityError when it fails.
+    ``weights_file``: keep the weights in ``<name>.onnx.data`` whatever their size; ``weights_from``:
+    read the weights another graph of ``folder`` holds from its data file (:func:`share_weights`)."""
     path = folder / f"{exportable.name}.onnx"
     started = time.perf_counter()
-    data_files = export_onnx(exportable, path)
+    data_files = export_onnx(exportable, path, weights_file)
+    if weights_from is not None:
+        data_files = share_weights(path, weights_from)
     export_s = time.perf_counter() - started
     parity = check_parity(exportable, path)
     if not parity["passed"]:

@@ -379,9 +379,35 @@ RENDER_UNET = ModelContract(
     doc="ControlNet trunk + UNet in one graph: the 13 residuals never leave the model.",
 )
 
+# ---------------------------------------------------------------------------------------------
+# Feature caching between steps (DeepCache, arXiv 2312.00858): each UNet-class step model has two
+# more graphs. The *deep* step is the full step that also returns the input of the UNet's last up
+# block; the *shallow* step runs only conv_in, the first down block, the last up block and the
+# output convolutions on a deep feature cached at an earlier step. Same weights as the plain step.
+# ---------------------------------------------------------------------------------------------
+#: The cached tensor: what the second-to-last up block hands the last one (after its upsampler),
+#: so it lives at latent resolution; its width is the UNet's second block width (640 for SD 1.5).
+DEEP_FEATURE = _t("deep_feature", F32, ("cfg_batch", "deep_channels", "height/8", "width/8"),
+                  "input of the UNet's last up block, cached from a deep step")
+
+
+def _deep_step(plain: ModelContract) -> ModelContract:
+    return ModelContract(f"{plain.name}_deep", plain.stage, STEP, plain.inputs, (*plain.outputs, DEEP_FEATURE),
+                         doc=f"{plain.name}'s full step that also returns the deep feature for the cache.")
+
+
+def _shallow_step(plain: ModelContract) -> ModelContract:
+    return ModelContract(f"{plain.name}_shallow", plain.stage, STEP, (*plain.inputs, DEEP_FEATURE), plain.outputs,
+                         doc=f"{plain.name}'s shallow path (first down block, last up block) on a cached deep feature.")
+
+
+BG_UNET_DEEP, BG_UNET_SHALLOW = _deep_step(BG_UNET), _shallow_step(BG_UNET)
+RENDER_UNET_DEEP, RENDER_UNET_SHALLOW = _deep_step(RENDER_UNET), _shallow_step(RENDER_UNET)
+
 CONTRACTS: dict[str, ModelContract] = {c.name: c for c in (
     RADM_BACKBONE, RADM_TEXT_ENCODER, RADM_HEAD, PLANNET_ENCODER, PLANNET_DENOISER,
     CLIP_TEXT_ENCODER, IMAGE_ENCODER, VAE_ENCODER, VAE_DECODER, BG_UNET, RENDER_CONDITION, RENDER_UNET,
+    BG_UNET_DEEP, BG_UNET_SHALLOW, RENDER_UNET_DEEP, RENDER_UNET_SHALLOW,
 )}
 
 MODEL_NAMES: tuple[str, ...] = tuple(CONTRACTS)

@@ -28,25 +28,31 @@ class Family:
     sampler: str  # one of SAMPLERS
     borrows: tuple[str, ...] = ()  # other families' models its stage calls too (RenderNet: CLIP and the VAE decoder)
     config_key: str = ""  # its settings: bundle.config[config_key] (default: the family's name)
+    #: (deep step, shallow step): the denoiser's two feature-cache graphs (DeepCache), among ``models``;
+    #: the stage calls them only for a request with a cache interval above 1
+    cached_steps: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.config_key:
             object.__setattr__(self, "config_key", self.name)
         assert self.denoiser in self.models and self.sampler in SAMPLERS, self
+        assert not self.cached_steps or (len(self.cached_steps) == 2 and set(self.cached_steps) <= set(self.models)), self
 
     @property
     def stage_models(self) -> tuple[str, ...]:
-        """Every served model its pipeline stage calls (its own first)."""
-        return self.models + self.borrows
+        """Every served model its pipeline stage needs (its own first); the cached steps are optional."""
+        return tuple(m for m in self.models if m not in self.cached_steps) + self.borrows
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("radm", "layout", ("radm_backbone", "radm_text_encoder", "radm_head"), "radm_head", "radm"),
     Family("plannet", "plan", ("plannet_encoder", "plannet_denoiser"), "plannet_denoiser", "plannet"),
     Family("stable_diffusion", "background",
-           ("clip_text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "bg_unet"), "bg_unet", "unet"),
-    Family("rendernet", "render", ("render_condition", "render_unet"), "render_unet", "unet",
-           borrows=("clip_text_encoder", "vae_decoder")),
+           ("clip_text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "bg_unet", "bg_unet_deep",
+            "bg_unet_shallow"), "bg_unet", "unet", cached_steps=("bg_unet_deep", "bg_unet_shallow")),
+    Family("rendernet", "render", ("render_condition", "render_unet", "render_unet_deep", "render_unet_shallow"),
+           "render_unet", "unet", borrows=("clip_text_encoder", "vae_decoder"),
+           cached_steps=("render_unet_deep", "render_unet_shallow")),
 )}
 
 #: served model -> its family's name
@@ -62,3 +68,10 @@ def family_of(model: str) -> Family:
 def unet_families() -> dict[str, Family]:
     """UNet (the denoiser of a ``unet`` family) -> its family, whose ``scheduler`` settings it samples with."""
     return {family.denoiser: family for family in FAMILIES.values() if family.sampler == "unet"}
+
+
+def cached_steps(unet: str) -> tuple[str, str]:
+    """A UNet's (deep step, shallow step) for the feature cache."""
+    family = unet_families()[unet]
+    assert family.cached_steps, f"{unet} has no cached steps"
+    return family.cached_steps

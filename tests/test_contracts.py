@@ -9,8 +9,8 @@ from posterrt.runtime.samples import default_sizes, sample_inputs
 STATIC = {"fpn_channels": 8, "text_dim": 16, "num_classes": 4, "text_vocab_size": 50}
 
 
-def test_all_twelve_served_models_are_described():
-    assert len(MODEL_NAMES) == 12
+def test_all_sixteen_served_models_are_described():
+    assert len(MODEL_NAMES) == 16  # twelve networks, and the two cached-step graphs of each UNet
     for contract in CONTRACTS.values():
         assert contract.stage in ("layout", "background", "render")
         for tensor in contract.inputs + contract.outputs:
@@ -18,7 +18,9 @@ def test_all_twelve_served_models_are_described():
 
 
 def test_step_models_are_the_denoisers():
-    assert {c.name for c in CONTRACTS.values() if c.role == STEP} == {"radm_head", "plannet_denoiser", "bg_unet", "render_unet"}
+    assert {c.name for c in CONTRACTS.values() if c.role == STEP} == {
+        "radm_head", "plannet_denoiser", "bg_unet", "render_unet",
+        "bg_unet_deep", "bg_unet_shallow", "render_unet_deep", "render_unet_shallow"}
 
 
 def test_derived_ranges_follow_their_base():

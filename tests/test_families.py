@@ -13,6 +13,8 @@ def test_every_served_model_has_one_family_and_a_stage_that_runs_it():
         assert CONTRACTS[family.denoiser].role == "step", f"{family.name}'s denoiser is called once per step"
         assert all(MODEL_FAMILY[model] != family.name for model in family.borrows), "borrowed from another family"
         assert family_of(family.denoiser) is family
+        for model in family.cached_steps:  # the feature cache's graphs are steps of the denoiser's family
+            assert CONTRACTS[model].role == "step" and model.startswith(family.denoiser)
 
 
 def test_lists_elsewhere_derive_from_the_table():
@@ -28,7 +30,7 @@ def test_lists_elsewhere_derive_from_the_table():
     assert set(unet_families()) == {"bg_unet", "render_unet"}
     assert layout.MODELS == SERVER_STAGES["radm_layout"].models == FAMILIES["radm"].models
     assert {stage.models for stage in SERVER_STAGES.values() if stage.stub == "unet_sampler"} == {("bg_unet",), ("render_unet",)}
-    assert set(background.MODELS) == set(FAMILIES["stable_diffusion"].models)
+    assert set(background.MODELS) == set(FAMILIES["stable_diffusion"].models) - {"bg_unet_deep", "bg_unet_shallow"}
     assert set(render.MODELS) == {"clip_text_encoder", "render_condition", "render_unet", "vae_decoder"}
     assert plan.MODELS == ("plannet_encoder", "plannet_denoiser")
 

@@ -31,6 +31,7 @@ from posterrt.runtime.errors import CheckpointError, InputError
 
 from ..checkpoints import load_into, read_state_dict
 from ..spec import ContractModule, Exportable
+from .feature_cache import ShallowUNet, deep_channels, first_block_residuals, run_capturing_deep_feature
 from .stable_diffusion import SD15_SCHEDULER  # RenderNet samples with SD 1.5's schedule
 
 #: Order of the ``layout_masks`` channels: one mask per element class of the plan, then the product box.
@@ -207,6 +208,53 @@ class ControlledUNet(nn.Module):
                          mid_block_additional_residual=mid, return_dict=False)[0]
 
 
+class ControlledUNetDeep(ControlledUNet):
+    """render_unet_deep: render_unet's forward, plus the UNet's deep feature for the cache (``feature_cache.py``)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, control_embedding, control_scale):
+        down, mid = self.trunk(sample, timestep, encoder_hidden_states, control_embedding, control_scale)
+        return run_capturing_deep_feature(self.unet, sample, timestep, encoder_hidden_states,
+                                          down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+
+class ShallowControlNetTrunk(nn.Module):
+    """The ControlNet's residuals for the skip connections the shallow step has: conv_in's and the first
+    down block's layers', each through its zero convolution and scaled, as in :class:`ControlNetTrunk`."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.conv_in = controlnet.conv_in
+        self.time_proj = controlnet.time_proj
+        self.time_embedding = controlnet.time_embedding
+        self.first_block = controlnet.down_blocks[0]
+        count = 1 + len(self.first_block.resnets)
+        self.zero_convs = nn.ModuleList(controlnet.controlnet_down_blocks[:count])
+
+    def forward(self, sample, timestep, encoder_hidden_states, control_embedding, control_scale):
+        emb = self.time_embedding(self.time_proj(timestep).to(dtype=sample.dtype))
+        hidden = self.conv_in(sample) + control_embedding
+        residuals = (hidden, *first_block_residuals(self.first_block, hidden, emb, encoder_hidden_states))
+        scale = control_scale.to(sample.dtype).view(-1, 1, 1, 1)
+        return tuple(zero_conv(r) * scale for r, zero_conv in zip(residuals, self.zero_convs))
+
+
+class ControlledUNetShallow(nn.Module):
+    """render_unet_shallow: the ControlNet's shallow residuals, then the UNet's shallow path on the cached feature."""
+
+    def __init__(self, controlnet, unet):
+        super().__init__()
+        self.trunk = ShallowControlNetTrunk(controlnet)
+        self.shallow = ShallowUNet(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, control_embedding, control_scale, deep_feature):
+        additions = self.trunk(sample, timestep, encoder_hidden_states, control_embedding, control_scale)
+        return self.shallow(sample, timestep, encoder_hidden_states, deep_feature, residual_additions=additions)
+
+
+UNET_GRAPHS = {"render_unet": ControlledUNet, "render_unet_deep": ControlledUNetDeep,
+               "render_unet_shallow": ControlledUNetShallow}
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights: deterministic random, or diffusers folders / an SFM checkpoint
 # ---------------------------------------------------------------------------------------------
@@ -340,17 +388,20 @@ def build(model: str, preset: str, sources) -> Exportable:
         sfm = build_sfm(preset, sources, len(LAYOUT_CHANNELS), int(controlnet.config.conditioning_channels))
         module = RenderCondition(sfm, controlnet)
         static = {"layout_channels": len(LAYOUT_CHANNELS), "control_channels": control_channels}
-    elif model == "render_unet":
+    elif model in UNET_GRAPHS:
         if bool(sources.pretrained.get("render_unet")) != bool(sources.pretrained.get("controlnet")):
             raise InputError("--from-pretrained: render_unet=DIR and controlnet=DIR come together (a ControlNet "
                              "is trained for one UNet); got only one of them")
         unet = build_unet(preset, sources)
         check_pair(controlnet, unet, sources.pretrained.get("render_unet") or f"preset {preset}")
-        module = ControlledUNet(controlnet, unet)
+        module = UNET_GRAPHS[model](controlnet, unet)
         static = {"latent_channels": int(unet.config.in_channels), "clip_tokens": _preset(preset).clip_tokens,
                   "cross_attention_dim": int(unet.config.cross_attention_dim), "control_channels": control_channels}
+        if model != "render_unet":
+            static["deep_channels"] = deep_channels(unet)
     else:
-        raise InputError(f"model {model!r} is not a rendernet model; expected render_condition or render_unet")
+        raise InputError(f"model {model!r} is not a rendernet model; expected render_condition or one of "
+                         f"{', '.join(UNET_GRAPHS)}")
     contract = get_contract(model)
     assert set(static) == set(contract.static_dims), (static, contract.static_dims)
     return Exportable(model, ContractModule(module, contract.output_names).eval(), static, config)

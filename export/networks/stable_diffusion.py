@@ -37,8 +37,10 @@ from ..spec import ContractModule, Exportable
 from . import sd_pretrained
 from .adapters import (ADAPTER_KWARG, AdapterInputs, ImagePromptProjection, install_adapters,
                        load_image_projection, load_unet_adapters)
+from .feature_cache import ShallowUNet, deep_channels, run_capturing_deep_feature
 
 MODELS = FAMILIES["stable_diffusion"].models
+UNET_MODELS = ("bg_unet", *FAMILIES["stable_diffusion"].cached_steps)  # one UNet's weights, three graphs
 ADAPTER_CHECKPOINT = "bg_adapter"  # --checkpoint bg_adapter=PATH
 TOKENIZER_ASSET = "clip_tokenizer"
 UNET_IN_CHANNELS = 9  # noisy latent 4 + mask 1 + masked-image latent 4 (SD inpainting)
@@ -376,6 +378,40 @@ class BackgroundUNet(nn.Module):
                          cross_attention_kwargs={ADAPTER_KWARG: adapter}, return_dict=False)[0]
 
 
+class BackgroundUNetDeep(BackgroundUNet):
+    """bg_unet_deep: the same forward, plus the deep feature for the cache (``feature_cache.py``)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, masked_image_latents, mask, category_token_mask,
+                image_prompt_embeds, ip_scale):
+        unet_input = torch.cat([sample, mask, masked_image_latents], dim=1)
+        adapter = AdapterInputs(mask, category_token_mask, image_prompt_embeds, ip_scale)
+        return run_capturing_deep_feature(self.unet, unet_input, timestep, encoder_hidden_states,
+                                          cross_attention_kwargs={ADAPTER_KWARG: adapter})
+
+
+class BackgroundUNetShallow(nn.Module):
+    """bg_unet_shallow: the shallow path on a cached deep feature; the adapters work as in the full step
+    (the first down and last up block run at the latent resolution, level 0)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.shallow = ShallowUNet(unet)
+
+    @property
+    def unet(self):
+        return self.shallow.unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, masked_image_latents, mask, category_token_mask,
+                image_prompt_embeds, ip_scale, deep_feature):
+        unet_input = torch.cat([sample, mask, masked_image_latents], dim=1)
+        adapter = AdapterInputs(mask, category_token_mask, image_prompt_embeds, ip_scale)
+        return self.shallow(unet_input, timestep, encoder_hidden_states, deep_feature,
+                            cross_attention_kwargs={ADAPTER_KWARG: adapter})
+
+
+UNET_GRAPHS = {"bg_unet": BackgroundUNet, "bg_unet_deep": BackgroundUNetDeep, "bg_unet_shallow": BackgroundUNetShallow}
+
+
 # ---------------------------------------------------------------------------------------------
 # Building each model
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +464,8 @@ def build_vae(built: Family):
     return AutoencoderKL(**vae_config(built.preset)).eval()
 
 
-def build_unet(built: Family) -> nn.Module:
+def build_unet(built: Family, graph: str = "bg_unet") -> nn.Module:
+    """The UNet as one of its three graphs (the plain step, the deep step, the shallow step)."""
     from diffusers import UNet2DConditionModel
 
     if "unet" in built.folders:
@@ -440,7 +477,7 @@ def build_unet(built: Family) -> nn.Module:
     state = _adapter_state(built)
     if state is not None:
         load_unet_adapters(unet, state, built.adapter_checkpoint)
-    return BackgroundUNet(unet.eval())
+    return UNET_GRAPHS[graph](unet.eval())
 
 
 def _unet_overrides(sizes: Mapping[str, int], rng: np.random.Generator, contract: ModelContract) -> dict:
@@ -461,7 +498,7 @@ def _unet_overrides(sizes: Mapping[str, int], rng: np.random.Generator, contract
 def build(model: str, preset: str, sources) -> Exportable:
     assert model in MODELS, f"{model} is not a stable_diffusion model"
     built = family(preset, sources)
-    _seed(model)
+    _seed("bg_unet" if model in UNET_MODELS else model)  # the cached steps hold the plain step's weights
     overrides = None
     if model == "clip_text_encoder":
         module = build_text_encoder(built)
@@ -472,9 +509,10 @@ def build(model: str, preset: str, sources) -> Exportable:
     elif model == "vae_decoder":
         module = VaeDecoder(build_vae(built))
     else:
-        module = build_unet(built)
+        module = build_unet(built, model)
         overrides = _unet_overrides
-    static_dims = {name: built.static_dims[name] for name in get_contract(model).static_dims}
+    known = {**built.static_dims, "deep_channels": deep_channels(module.unet) if model in UNET_MODELS else None}
+    static_dims = {name: known[name] for name in get_contract(model).static_dims}
     # ContractModule: a tuple of outputs in contract order, as the parity check and tracer expect
     module = ContractModule(module.eval(), get_contract(model).output_names)
     return Exportable(model, module, static_dims, built.config(), input_overrides=overrides)
