@@ -11,6 +11,7 @@ import pytest
 from posterrt.runtime.backends.base import Backend
 from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.families import cached_steps
 from posterrt.runtime.errors import InputError
 from posterrt.runtime.images import fit_to_canvas, load_product
 from posterrt.runtime.pipelines import build_pipeline
@@ -140,6 +141,31 @@ def test_guidance_batches_uncond_and_cond_in_one_call(backends, product, guidanc
     assert {batch for model, batch in backend.calls if model == "bg_unet"} == {unet_batch}
 
 
+@pytest.mark.parametrize("name, unet", [("background", "bg_unet"), ("render", "render_unet")])
+def test_feature_cache_alternates_deep_and_shallow_steps(backends, product, name, unet):
+    """DeepCache's uniform schedule: a deep step (full UNet, refreshes the cached feature) every
+    ``cache_interval`` steps from the first, shallow steps between; interval 1 is the plain step."""
+    deep, shallow = cached_steps(unet)
+    backend = CountingBackend(backends["onnxruntime"])
+    for interval, expected in ((2, [deep, shallow, deep, shallow, deep]), (3, [deep, shallow, shallow, deep, shallow]),
+                               (1, [unet] * 5)):
+        backend.calls.clear()
+        build_pipeline(name, backend, progress=False)(_request(product, steps=5, cache_interval=interval))
+        assert [model for model, _ in backend.calls if model.startswith(unet)] == expected, interval
+
+
+@pytest.mark.parametrize("name", ["background", "render"])
+def test_cached_pipeline_same_seed_same_result_on_both_backends(backends, product, name):
+    request = _request(product, steps=4, cache_interval=2)
+    results = {b: build_pipeline(name, backend, progress=False)(request) for b, backend in backends.items()}
+    assert psnr(results["onnxruntime"].image, results["torch"].image) > MIN_PSNR_DB
+    again = build_pipeline(name, backends["onnxruntime"], progress=False)(request)
+    assert np.array_equal(again.image, results["onnxruntime"].image)
+    # the shallow steps really ran on an older feature: not the uncached image
+    uncached = build_pipeline(name, backends["onnxruntime"], progress=False)(_request(product, steps=4, cache_interval=1))
+    assert not np.array_equal(uncached.image, results["onnxruntime"].image)
+
+
 def test_product_pixels_are_kept_exactly(backends, product):
     result = build_pipeline("background", backends["onnxruntime"], progress=False)(_request(product))
     canvas, mask = fit_to_canvas(*product, (256, 256))
@@ -177,6 +203,9 @@ def test_request_checks_name_the_field(product):
         _request(product, guidance=50.0).validate()
     with pytest.raises(InputError, match="--scheduler"):
         _request(product, scheduler="plms").validate()
+    for interval in (0, 11, 2.0, True):
+        with pytest.raises(InputError, match="--cache-interval"):
+            _request(product, cache_interval=interval).validate()
     with pytest.raises(InputError, match="--size"):
         _request(product, size=(300, 256)).validate()
     with pytest.raises(InputError, match="product_mask"):

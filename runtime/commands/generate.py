@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", default=str(DEFAULT_GUIDANCE), help="classifier-free guidance scale, 1..30 (1 = off)")
     parser.add_argument("--seed", default="0", help="random seed; the same seed and inputs give the same poster")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {', '.join(SCHEDULERS)}")
+    parser.add_argument("--cache-interval", help="UNet feature cache: one full step then N-1 shallow steps, "
+                                                 "1..10 (1 = off; default: the bundle's gated default, else 1)")
     parser.add_argument("--bundle", type=Path, default=None, help=f"exported bundle folder (default: ${BUNDLE_ENV} or "
                                                                   f"{default_bundle_dir()})")
     parser.add_argument("--backend", default=None, metavar="URL",
@@ -89,7 +91,7 @@ def check_out(out: Path) -> Path:
 
 def build_request(args) -> PosterRequest:
     """Load and check every input file and value of the command line."""
-    from ..pipelines.request import DEFAULT_SIZE, STEPS_RANGE
+    from ..pipelines.request import CACHE_INTERVAL_RANGE, DEFAULT_SIZE, STEPS_RANGE
 
     check_out(args.out)
     product, mask = load_product(args.product, args.mask, require_mask=needs_product_mask(args.pipeline))
@@ -103,6 +105,7 @@ def build_request(args) -> PosterRequest:
         guidance=parse_float(args.guidance, "--guidance"),
         seed=parse_int(args.seed, "--seed", 0, 2 ** 63 - 1),
         scheduler=args.scheduler,
+        cache_interval=parse_int(args.cache_interval, "--cache-interval", *CACHE_INTERVAL_RANGE),
     )
     return request.validate()
 

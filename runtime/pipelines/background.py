@@ -16,7 +16,8 @@ from ..families import FAMILIES
 from ..images import MASK_THRESHOLD, fit_to_canvas, resize_rgb
 from ..schedulers import batch_for_guidance, get_scheduler
 from ..server_stages.unet import stage_name
-from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, run_side_by_side, stage_rng, to_chw
+from .diffusion import (PromptEncoder, cache_interval, decode, denoise, family_config, initial_latents, run_side_by_side,
+                        stage_rng, to_chw)
 from .request import PosterRequest, PosterResult
 from .stages import Stages
 
@@ -57,7 +58,8 @@ class BackgroundPipeline:
         latents = initial_latents(masked_image_latents.shape, scheduler, rng)
         # -- denoise: the UNet is the only per-step call -----------------------------------------
         latents = denoise(self.backend, "bg_unet", scheduler, latents, steps, guidance, step_invariant, rng,
-                          progress=self.progress, server_loop=self.server_loop)
+                          progress=self.progress, server_loop=self.server_loop,
+                          interval=cache_interval(self.config, request.cache_interval))
         # -- epilogue: decode, then put the exact product pixels back (the VAE blurs fine detail)
         generated = decode(self.backend, latents)
         alpha = product_mask[..., None]

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..errors import BundleError
-from ..families import FAMILIES
+from ..families import FAMILIES, cached_steps
 from ..schedulers import batch_for_guidance, combine_guidance
 from ..text import encode_prompt, load_tokenizer
 
@@ -81,24 +81,60 @@ def initial_latents(shape: tuple[int, ...], scheduler, rng: np.random.Generator)
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
 
 
+def cache_interval(config: dict, requested: int | None) -> int:
+    """The request's feature-cache interval, else the family's gated default (1: no caching)."""
+    return int(requested or config.get("cache_interval", 1))
+
+
+class UNetSteps:
+    """The UNet's call at step ``index`` -> noise prediction, with DeepCache's feature cache when
+    ``interval`` > 1: every ``interval``-th step (from the first) runs the deep step, the full UNet,
+    and keeps its deep feature; the steps between run the shallow step on that feature (the UNet
+    family's ``cached_steps``). The step-invariant inputs are bound (checked) once, here."""
+
+    def __init__(self, backend: Backend, model: str, step_invariant: Mapping[str, np.ndarray], interval: int = 1):
+        self.interval = interval
+        self.feature = None
+        if interval == 1:
+            self.full = backend.bind(model, step_invariant)
+            return
+        deep, shallow = cached_steps(model)
+        missing = [m for m in (deep, shallow) if m not in backend.bundle.models]
+        if missing:
+            raise BundleError(f"cache_interval {interval}: bundle {backend.bundle.root} lacks {missing}, the cached "
+                              f"steps of {model}; export them (`posterrt export --models {deep},{shallow}`) or use "
+                              f"cache_interval 1")
+        self.deep, self.shallow = backend.bind(deep, step_invariant), backend.bind(shallow, step_invariant)
+
+    def __call__(self, index: int, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self.interval == 1:
+            return self.full(inputs)["noise_pred"]
+        if index % self.interval == 0:
+            outputs = self.deep(inputs)
+            self.feature = outputs["deep_feature"]
+            return outputs["noise_pred"]
+        return self.shallow({**inputs, "deep_feature": self.feature})["noise_pred"]
+
+
 def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps: int, guidance: float,
             step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True,
-            server_loop=None) -> np.ndarray:
+            server_loop=None, interval: int = 1) -> np.ndarray:
     """The sampling loop: per step, only the noisy latents and the timestep change.
 
     ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
     (outside this loop): text embeddings, masked-image latents, control embedding, scales.
     ``server_loop`` (the backend's ``server_stage`` for this UNet): run this same loop in the server
-    instead, one request, continuing ``rng`` there.
+    instead, one request, continuing ``rng`` there. ``interval``: the feature cache's (:class:`UNetSteps`);
+    the server stage has no cache yet, so a cached request runs its steps from here, one call each.
     """
-    if server_loop is not None:
+    if server_loop is not None and interval == 1:
         return server_loop(scheduler, latents, steps, guidance, step_invariant, rng)
     scheduler.set_timesteps(steps)
-    unet = backend.bind(model, step_invariant)  # the step-invariant inputs are checked once, here
-    for t in tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress):
+    unet = UNetSteps(backend, model, step_invariant, interval)
+    for index, t in enumerate(tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress)):
         per_step = batch_for_guidance(guidance, shared={"sample": scheduler.scale_model_input(latents, t)})
         batch = per_step["sample"].shape[0]
-        noise = unet({**per_step, "timestep": np.full(batch, t, dtype=np.float32)})["noise_pred"]
+        noise = unet(index, {**per_step, "timestep": np.full(batch, t, dtype=np.float32)})
         latents = scheduler.step(combine_guidance(noise, guidance), t, latents, generator=rng)
     return latents
 

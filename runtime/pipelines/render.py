@@ -18,7 +18,7 @@ from ..images import mask_box
 from ..schedulers import batch_for_guidance, get_scheduler
 from ..server_stages.unet import stage_name
 from .background import default_steps
-from .diffusion import PromptEncoder, decode, denoise, family_config, initial_latents, stage_rng, to_chw
+from .diffusion import PromptEncoder, cache_interval, decode, denoise, family_config, initial_latents, stage_rng, to_chw
 from .plan import PlanNetPlanner
 from .request import LayoutElement, PosterRequest, PosterResult
 from .stages import Stages
@@ -74,7 +74,8 @@ class RenderPipeline:
         latents = initial_latents(latent_shape, scheduler, rng)
         # -- denoise: ControlNet trunk + UNet, one graph, per step -----------------------------
         latents = denoise(self.backend, "render_unet", scheduler, latents, steps, guidance, step_invariant, rng,
-                          progress=self.progress, server_loop=self.server_loop)
+                          progress=self.progress, server_loop=self.server_loop,
+                          interval=cache_interval(self.config, request.cache_interval))
         # -- epilogue: decode, keep the exact product pixels -----------------------------------
         generated = decode(self.backend, latents)
         alpha = product_mask[..., None]

@@ -19,6 +19,9 @@ STEPS_RANGE = (1, 200)
 #: Classifier-free guidance scale. 1 disables guidance (one UNet pass per step); past 30 SD
 #: saturates colours to noise.
 GUIDANCE_RANGE = (1.0, 30.0)
+#: DeepCache's interval (1 = off): one full UNet step, then N-1 shallow steps on its cached deep
+#: feature. Past 10 the cached feature is older than most of a short schedule.
+CACHE_INTERVAL_RANGE = (1, 10)
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
 DEFAULT_SCHEDULER = "ddim"
 DEFAULT_GUIDANCE = 7.5
@@ -82,6 +85,7 @@ class PosterRequest:
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER
+    cache_interval: int | None = None  # UNet feature cache (1 = off); None: the bundle's gated default
 
     def validate(self) -> "PosterRequest":
         check_pixels(self.product, "product", channels=3)
@@ -107,6 +111,12 @@ class PosterRequest:
         for name, value in (("--steps", self.steps), ("--layout-steps", self.layout_steps)):
             if value is not None and (not isinstance(value, (int, np.integer)) or not STEPS_RANGE[0] <= value <= STEPS_RANGE[1]):
                 raise InputError(f"{name}: got {value!r}, expected an integer in {STEPS_RANGE[0]}..{STEPS_RANGE[1]}")
+        low, high = CACHE_INTERVAL_RANGE
+        if self.cache_interval is not None and (not isinstance(self.cache_interval, (int, np.integer)) or
+                                                isinstance(self.cache_interval, bool) or
+                                                not low <= self.cache_interval <= high):
+            raise InputError(f"--cache-interval: got {self.cache_interval!r}, expected an integer in {low}..{high} "
+                             f"(1 = no feature caching)")
         if not (isinstance(self.guidance, (int, float, np.number)) and not isinstance(self.guidance, bool)
                 and GUIDANCE_RANGE[0] <= float(self.guidance) <= GUIDANCE_RANGE[1]):
             raise InputError(f"--guidance: got {self.guidance!r}, expected a number in {GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g}")
