@@ -3,7 +3,9 @@ the models that changed, an interrupted push that leaves the live versions servi
 checks `posterrt serve` runs on a store, and one-line errors for each thing a user gets wrong."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -178,3 +180,21 @@ def test_push_command_prints_versions_and_never_the_credentials(repo, endpoint, 
     manifest = json.loads(boto3.client("s3", endpoint_url=endpoint).get_object(
         Bucket="models", Key=f"cli/{STORE_MANIFEST}")["Body"].read())
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
+
+
+def test_large_files_go_up_in_parts_and_a_rerun_recognizes_them(built_repo, endpoint, tmp_path, monkeypatch):
+    repo = tmp_path / "model_repository"
+    shutil.copytree(built_repo / "plannet_encoder", repo / "plannet_encoder")
+    big = repo / "plannet_encoder" / "1" / "weights.bin"
+    big.write_bytes(os.urandom(11 << 20))
+    monkeypatch.setattr(store, "MULTIPART_BYTES", 5 << 20)  # S3's smallest part: three parts for 11 MB
+    location = parse_store_url("s3://models/multipart", endpoint)
+    first = push_repository(repo, location, progress=False)
+    head = boto3.client("s3", endpoint_url=endpoint).head_object(Bucket="models", Key="multipart/plannet_encoder/1/weights.bin")
+    assert head["ETag"].strip('"').endswith("-3") and head["ContentLength"] == 11 << 20
+    assert head["Metadata"]["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert first.uploaded_bytes >= 11 << 20
+    s3 = boto3.client("s3", endpoint_url=endpoint)  # as if the push had stopped before its switch
+    s3.delete_object(Bucket="models", Key=f"multipart/{STORE_MANIFEST}")
+    again = push_repository(repo, location, progress=False)
+    assert again.skipped_files == len(list((repo / "plannet_encoder" / "1").iterdir())) and again.uploaded_bytes == 0
