@@ -44,10 +44,10 @@ def add_arguments(parser):
     parser.add_argument("--models", help="served models for the per-model table (default: all in the bundle)")
     parser.add_argument("--pipelines", default="layout,background,render,poster", help="pipelines for the stage table")
     parser.add_argument("--skip", default="", help="sections to skip: models,stages,throughput")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model and batch in the per-model table, after a warm-up (default 5)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps for the stage table")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, Markdown tables and PNG plots")
 
 
 def run(args) -> int:

@@ -25,7 +25,8 @@ def add_arguments(parser):
     build = sub.add_parser("build", help="build TensorRT plans from a bundle (needs an NVIDIA GPU and TensorRT)")
     build.add_argument("--bundle", required=True, type=Path, help="bundle folder written by `posterrt export`")
     build.add_argument("--out", required=True, type=Path, help="engines folder (plans, build logs, manifest.json)")
-    build.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    build.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                       help="fp16 (default; overflow-prone layers stay fp32 in a strongly typed network), bf16 or fp32")
     build.add_argument("--shapes", help="narrow profile ranges: height=512:768:1024,cfg_batch=2:2:4 (NAME=SIZE fixes one)")
     build.add_argument("--models", help="comma-separated served models (default: every model in the bundle)")
     build.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5 (default 3)")
@@ -33,26 +34,31 @@ def add_arguments(parser):
     build.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated (default OUT/timing.cache)")
     build.add_argument("--refittable", default=",".join(("bg_unet",)),
                        help="models built with REFIT, comma-separated, or 'none' (default bg_unet)")
-    build.add_argument("--clean-tool", default="auto", choices=("auto", "onnxslim", "onnxruntime"))
+    build.add_argument("--clean-tool", default="auto", choices=("auto", "onnxslim", "onnxruntime"),
+                       help="ONNX clean-up before the build (default auto: onnxslim if installed, else onnxruntime)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
 
     clean = sub.add_parser("clean", help="clean a bundle's ONNX for TensorRT / ONNX Runtime GPU and check parity (CPU)")
-    clean.add_argument("--bundle", required=True, type=Path)
+    clean.add_argument("--bundle", required=True, type=Path, help="bundle folder written by `posterrt export`")
     clean.add_argument("--out", required=True, type=Path, help="folder for <model>.onnx and clean.json")
-    clean.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    clean.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="precision policy: fp16/bf16 keep overflow-prone layers fp32 (default fp32: nothing marked)")
     clean.add_argument("--models", help="comma-separated served models (default: every model in the bundle)")
-    clean.add_argument("--clean-tool", default="auto", choices=("auto", "onnxslim", "onnxruntime"))
+    clean.add_argument("--clean-tool", default="auto", choices=("auto", "onnxslim", "onnxruntime"),
+                       help="ONNX clean-up tool (default auto: onnxslim if installed, else onnxruntime)")
 
     refit = sub.add_parser("refit", help="put new weights (an adapter / LoRA merged and exported) into a refittable plan")
     refit.add_argument("--engine", required=True, type=Path, help="the plan, e.g. ENGINES/bg_unet.plan")
     refit.add_argument("--onnx", required=True, type=Path, help="the model exported again with the new weights")
 
     show = sub.add_parser("show", help="list the engines of a folder and whether they fit this machine")
-    show.add_argument("--engines", required=True, type=Path)
+    show.add_argument("--engines", required=True, type=Path, help="engines folder written by `posterrt engines build`")
 
     optimize = sub.add_parser("optimize", help="write a gated CPU variant (ONNX Runtime fp32-opt, int8, int8-dynamic; OpenVINO fp32, bf16) of models into the bundle")
-    optimize.add_argument("--bundle", required=True, type=Path)
-    optimize.add_argument("--variant", required=True, choices=CPU_VARIANTS)
+    optimize.add_argument("--bundle", required=True, type=Path,
+                          help="bundle folder written by `posterrt export`; the variants are added to it")
+    optimize.add_argument("--variant", required=True, choices=CPU_VARIANTS,
+                          help="the variant to build and gate (docs/engines.md compares them)")
     optimize.add_argument("--models", default="bg_unet,render_unet", help="comma-separated (default bg_unet,render_unet)")
     optimize.add_argument("--out", type=Path, help="also write the build and gate reports there as optimize-VARIANT.json")
 

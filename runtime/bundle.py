@@ -53,6 +53,9 @@ class Bundle:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
+        if self.root.is_file():
+            raise BundleError(f"bundle folder {self.root} is a file; expected the folder that `posterrt export --out` "
+                              f"wrote (it holds {MANIFEST})")
         if not self.root.is_dir():
             raise BundleError(f"bundle folder {self.root} does not exist; run `posterrt export --out {self.root}` first")
         if not manifest_path.is_file():

@@ -22,8 +22,19 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), or a note when run from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("posterrt")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posterrt", description="Deployment runtime for e-commerce poster generation.")
+    parser.add_argument("--version", action="version", version=f"posterrt {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, summary) in COMMANDS.items():
         sub.add_parser(name, help=summary, add_help=False)
@@ -35,6 +46,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        print(f"posterrt {version()}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

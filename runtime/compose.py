@@ -1,12 +1,8 @@
-"""Poster composition: texts, underlays and a logo drawn with Pillow into the predicted boxes.
+"""Poster composition: texts, underlays and a logo drawn with Pillow into the boxes that
+``layout_refine`` placed (which element is drawn where, and which text goes in which box).
 
 Rules (also in docs/layout-json.md):
 
-* **Which text goes where.** When the layout holds more text boxes than there are texts, the
-  largest boxes are used (the model's smaller boxes are usually duplicates or fine print). The
-  chosen boxes are put in reading order (rows top to bottom, left to right within a row) and the
-  texts fill them in the order given, so the first text (the headline) lands in the first box.
-  Texts left over when the layout has fewer text boxes are reported as ``unplaced_texts``.
 * **Readability.** Underlay boxes are painted semi-opaque in the light or dark tone nearest the
   background under them; each text takes black or white, whichever contrasts more with the pixels
   under its box (WCAG luminance), plus a thin outline in the other tone.
@@ -14,19 +10,27 @@ Rules (also in docs/layout-json.md):
   spaces, characters for CJK).
 * **Fonts.** CJK glyphs need a CJK font. One is searched for in common font folders and through
   ``fc-list``; without one, CJK text falls back to Pillow's built-in font, which draws empty boxes
-  for CJK. Install one with ``apt-get install fonts-noto-cjk`` (or ``fonts-wqy-zenhei``).
+  for CJK: a one-line warning says so (once per process) and the layout JSON records it.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .layout_refine import Placement, raw_layout, refine_layout
 from .pipelines.request import LayoutElement
+
+LOG = logging.getLogger("posterrt")
+NO_CJK_FONT = ("no CJK font found: CJK text is drawn as empty boxes; install one "
+               "(apt-get install fonts-wqy-zenhei, or fonts-noto-cjk)")
+_warned: set[str] = set()
 
 #: Searched in order; the first file that exists wins. Paths of Debian/Ubuntu, Fedora, Arch, macOS.
 CJK_FONT_CANDIDATES = (
@@ -51,8 +55,6 @@ LATIN_FONT_CANDIDATES = (
 )
 MIN_FONT_PX = 6
 UNDERLAY_ALPHA = 0.6  # opaque enough to quiet a busy background, light enough to show it
-#: When two boxes' vertical centres are closer than this fraction of the smaller height, they are on one row.
-SAME_ROW = 0.5
 
 
 def is_cjk(text: str) -> bool:
@@ -193,33 +195,6 @@ def text_colour(region: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, in
     return (0, 0, 0), (255, 255, 255)
 
 
-def reading_order(elements: list[LayoutElement]) -> list[LayoutElement]:
-    """Rows top to bottom (boxes whose vertical centres are close share a row), left to right in a row."""
-    rows: list[list[LayoutElement]] = []
-    for element in sorted(elements, key=lambda e: (e.box[1] + e.box[3]) / 2):
-        centre = (element.box[1] + element.box[3]) / 2
-        height = element.box[3] - element.box[1]
-        if rows:
-            last = rows[-1][-1]
-            last_centre = (last.box[1] + last.box[3]) / 2
-            if abs(centre - last_centre) < SAME_ROW * min(height, last.box[3] - last.box[1]):
-                rows[-1].append(element)
-                continue
-        rows.append([element])
-    return [e for row in rows for e in sorted(row, key=lambda e: e.box[0])]
-
-
-def assign_texts(elements: list[LayoutElement], texts: list[str]) -> list[str]:
-    """Set ``.text`` on text boxes (rules in the module doc); returns the texts left unplaced."""
-    text_boxes = [e for e in elements if e.cls == "text"]
-    for element in text_boxes:
-        element.text = None
-    chosen = sorted(text_boxes, key=lambda e: (-e.area, -e.score))[:len(texts)]
-    for element, text in zip(reading_order(chosen), texts):
-        element.text = text
-    return list(texts[len(chosen):])
-
-
 def _clip_box(box, width, height) -> tuple[int, int, int, int] | None:
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
@@ -284,3 +259,36 @@ def compose_poster(background: np.ndarray, elements: list[LayoutElement], logo: 
         if element.cls == "text" and element.text:
             draw_text(canvas, box, element.text)
     return np.asarray(canvas.convert("RGB"))
+
+
+def font_warnings(elements: list[LayoutElement]) -> list[str]:
+    """What the drawing of these texts will lack (a CJK font), logged once per process."""
+    found = []
+    if any(e.text and is_cjk(e.text) for e in elements) and find_font(cjk=True) is None:
+        found.append(NO_CJK_FONT)
+    for message in found:
+        if message not in _warned:
+            _warned.add(message)
+            LOG.warning("warning: %s", message)
+    return found
+
+
+@dataclass
+class Composition:
+    image: np.ndarray  # RGB uint8 HxWx3, the poster
+    placement: Placement  # drawn and proposed elements, unplaced texts
+    warnings: list[str] = field(default_factory=list)
+
+
+def compose(background: np.ndarray, proposals: list[LayoutElement], texts: list[str], logo: np.ndarray | None = None,
+            product_mask: np.ndarray | None = None, refine: bool = True) -> Composition:
+    """Place the layout's elements (refined, or as proposed) and draw them on ``background``.
+
+    ``product_mask``: float HxW on the poster canvas, 1 = product (what refinement keeps clear)."""
+    if refine:
+        size = (background.shape[1], background.shape[0])
+        placement = refine_layout(proposals, texts, size, product_mask, draw_logo=logo is not None)
+    else:
+        placement = raw_layout(proposals, texts, draw_logo=logo is not None)
+    warnings = font_warnings(placement.elements)
+    return Composition(compose_poster(background, placement.elements, logo), placement, warnings)

@@ -32,6 +32,8 @@ def open_image(path: str | os.PathLike, field: str) -> Image.Image:
     """Decode an image file after checking it exists, is one still 8-bit image and is within
     MAX_IMAGE_PIXELS. Every refusal names the field, the file and what was expected."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{field}: {str(path)!r} is a folder, expected an image file (PNG, JPEG, ...)")
     if not path.is_file():
         raise InputError(f"{field}: file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
@@ -96,10 +98,10 @@ def load_product(path, mask_path=None, require_mask: bool = True) -> tuple[np.nd
             raise InputError(f"--mask: {str(mask_path)!r} is {mask_image.size[0]}x{mask_image.size[1]}, expected the "
                              f"product image's size {image.size[0]}x{image.size[1]}")
         mask = np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0
-        source = f"--mask {str(mask_path)!r}"
+        field, source, empty, full = "--mask", repr(str(mask_path)), "all black", "all white"
     elif has_alpha(image):
         mask = np.asarray(image.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
-        source = f"the alpha channel of {str(path)!r}"
+        field, source, empty, full = "--product", f"the alpha channel of {str(path)!r}", "fully transparent", "fully opaque"
     else:
         if require_mask:
             raise InputError(f"--product: {str(path)!r} has no alpha channel and no --mask was given; this pipeline "
@@ -107,10 +109,11 @@ def load_product(path, mask_path=None, require_mask: bool = True) -> tuple[np.nd
         return rgb, None
     product_pixels = float((mask > MASK_THRESHOLD).mean())
     if require_mask and product_pixels == 0.0:
-        raise InputError(f"--mask: {source} marks no product pixel (all transparent/black); expected the product in white")
+        raise InputError(f"{field}: {source} marks no product pixel ({empty}); expected the product "
+                         f"{'in white' if field == '--mask' else 'opaque on a transparent background'}")
     if require_mask and product_pixels == 1.0:
-        raise InputError(f"--mask: {source} marks every pixel as product (fully opaque/white); expected a cutout "
-                         f"with free background around the product")
+        raise InputError(f"{field}: {source} marks every pixel as product ({full}); expected a cutout with free "
+                         f"background around the product")
     return rgb, mask
 
 
@@ -213,10 +216,22 @@ def check_category(category) -> str:
     return category
 
 
+def check_out_folder(path: Path, field: str = "--out") -> Path:
+    """An output path whose folder exists, or is one new folder in an existing one (``out/poster.png``
+    creates ``out``). A deeper missing tree is refused: it is more often a typo than a wish."""
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{field}: {str(folder)!r} is a file, expected a folder for {path.name!r}")
+    if not folder.exists() and not folder.parent.is_dir():
+        raise InputError(f"{field}: folder {str(folder.parent)!r} does not exist; create it first (posterrt creates "
+                         f"at most the last folder of {str(path)!r})")
+    return path
+
+
 def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = check_out_folder(Path(path))
     if path.suffix.lower() != ".png":
         raise InputError(f"--out: {str(path)!r} must end in .png (posters are written as PNG)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     Image.fromarray(rgb).save(path, format="PNG")
     return path

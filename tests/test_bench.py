@@ -100,3 +100,20 @@ def test_plan_step_bench_times_the_embedded_loop(tiny_bundle, capsys):
     assert result["interval_p50_ms"] == pytest.approx(result["model_call_p50_ms"] + result["gap_p50_us"] / 1e3, rel=0.2)
     assert plan_step.main(["--bundle", str(tiny_bundle), "--plans", "1"]) == 0
     assert "interval / call" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pipeline", ["layout", "poster"])
+def test_refine_metrics_scores_raw_and_refined_layouts_of_the_same_proposals(tiny_bundle, tmp_path, pipeline):
+    from posterrt.benchmarks.refine_metrics import main as refine_metrics
+
+    out = tmp_path / "refine"
+    assert refine_metrics(["--bundle", str(tiny_bundle), "--pipeline", pipeline, "--seeds", "2", "--size", "256",
+                           "--out", str(out)]) == 0
+    reports = {name: json.loads((out / f"{name}_report.json").read_text()) for name in ("raw", "refined")}
+    assert len(reports["raw"]["layouts"]) == len(reports["refined"]["layouts"]) == 2
+    assert reports["refined"]["means"]["posterlayout.overlap"] == 0.0
+    for seed in range(2):
+        raw, refined = (json.loads((out / name / f"{seed}.json").read_text()) for name in ("raw", "refined"))
+        same = ("class", "box", "score")
+        assert [[p[k] for k in same] for p in raw["proposed"]] == [[p[k] for k in same] for p in refined["proposed"]]
+    assert "| `posterlayout.overlap` |" in (out / "table.md").read_text()

@@ -6,8 +6,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from posterrt.runtime import compose
-from posterrt.runtime.compose import (assign_texts, compose_poster, contrast_ratio, find_font, fit_text, is_cjk,
-                                      reading_order, relative_luminance, text_colour)
+from posterrt.runtime.compose import (compose_poster, contrast_ratio, find_font, fit_text, is_cjk, relative_luminance,
+                                      text_colour)
+from posterrt.runtime.layout_refine import assign_texts, reading_order
 from posterrt.runtime.pipelines.request import LayoutElement
 
 
@@ -174,3 +175,30 @@ def test_degenerate_and_outside_boxes_are_skipped(box):
     element.text = "x"
     out = compose_poster(background, [element])
     assert out.shape == background.shape
+
+
+def test_cjk_without_a_cjk_font_warns_once_in_one_line_and_records_it(monkeypatch, caplog):
+    latin_font = find_font(cjk=False)
+    monkeypatch.setattr(compose, "find_font", lambda cjk: None if cjk else latin_font)
+    monkeypatch.setattr(compose, "_warned", set())  # as in a fresh process
+    background = np.full((128, 256, 3), 240, np.uint8)
+    proposals = [_element("text", (10, 10, 240, 60)), _element("text", (10, 70, 240, 120), 0.5)]
+    with caplog.at_level("WARNING", logger="posterrt"):
+        first = compose.compose(background, proposals, ["限时特惠", "Sale"])
+        again = compose.compose(background, proposals, ["买一送一"])
+        latin = compose.compose(background, proposals, ["Sale"])
+    message = compose.NO_CJK_FONT
+    assert first.warnings == again.warnings == [message] and latin.warnings == []
+    assert "fonts-wqy-zenhei" in message and "fonts-noto-cjk" in message and "\n" not in message
+    assert [r.getMessage() for r in caplog.records] == [f"warning: {message}"]  # once per process
+
+
+def test_compose_refines_unless_told_not_to():
+    background = _noise_background(3)
+    overlapping = [_element("text", (20, 20, 200, 80), 0.9), _element("text", (40, 40, 220, 100), 0.8)]
+    refined = compose.compose(background, overlapping, ["One", "Two"])
+    raw = compose.compose(background, overlapping, ["One", "Two"], refine=False)
+    a, b = (e.box for e in refined.placement.elements)
+    assert min(a[3], b[3]) <= max(a[1], b[1]) or min(a[2], b[2]) <= max(a[0], b[0])  # apart
+    assert [e.box for e in raw.placement.elements] == [e.box for e in overlapping]
+    assert not np.array_equal(refined.image, raw.image)

@@ -96,6 +96,8 @@ def files(tmp_path_factory) -> Path:
     rgba[20:80, 70:110, 3] = 255
     Image.fromarray(rgba, "RGBA").save(folder / "product.png")
     Image.fromarray(rgba[..., :3]).save(folder / "opaque.jpg")
+    Image.fromarray(np.zeros((96, 128, 4), np.uint8), "RGBA").save(folder / "transparent.png")
+    (folder / "a_folder.png").mkdir()
     noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
     Image.fromarray(noise).save(folder / "full.png")
     data = (folder / "full.png").read_bytes()
@@ -261,6 +263,18 @@ def _(ctx):
     return cli(ctx, out="poster.jpg")
 
 
+@case("cli-bundle-is-a-file")
+def _(ctx):
+    return cli(ctx, "--bundle", "{files}/notes.png")
+
+
+@case("cli-out-deep")
+def _(ctx):
+    outcome = cli(ctx, out="missing/deeper/poster.png")
+    assert not (ctx.tmp / "missing").exists()  # nothing created on the way
+    return outcome
+
+
 @case("cli-bundle-missing")
 def _(ctx):
     return cli(ctx, "--bundle", ctx.tmp / "no_such_bundle")
@@ -270,7 +284,7 @@ PRODUCT_FILES = {
     "image-missing": "missing.png", "image-not-an-image": "notes.png", "image-empty-file": "empty.png",
     "image-zero-size": "zero.png", "image-truncated": "truncated.png", "image-huge": "huge.png",
     "image-animated": "animated.gif", "image-16-bit": "deep.png", "image-float": "float.tiff",
-    "image-no-cutout": "opaque.jpg",
+    "image-no-cutout": "opaque.jpg", "image-folder": "a_folder.png", "image-alpha-empty": "transparent.png",
 }
 for _row_id, _product in PRODUCT_FILES.items():
     case(_row_id)(lambda ctx, _product=_product: cli(ctx, product=_product))
@@ -764,6 +778,11 @@ def _(ctx):
 
     port = free_port()
     return outcome_of(lambda: TritonBackend(Bundle(ctx.bundle_dir), f"grpc://127.0.0.1:{port}", timeout_s=5))
+
+
+@case("client-all-unreachable")
+def _(ctx):
+    return cli(ctx, "--backend", "grpc://127.0.0.1:1,http://127.0.0.1:2")
 
 
 @case("client-other-weights")

@@ -150,8 +150,8 @@ def run_layout(backend, request):
 
 
 def assert_same_layout(got, want) -> None:
-    assert [e.cls for e in got.elements] == [e.cls for e in want.elements]
-    for a, b in zip(got.elements, want.elements):
+    assert [e.cls for e in got.proposed] == [e.cls for e in want.proposed]
+    for a, b in zip(got.proposed, want.proposed):
         assert np.abs(np.subtract(a.box, b.box)).max() <= 1e-5 * 256 and abs(a.score - b.score) <= 1e-5
 
 

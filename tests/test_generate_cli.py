@@ -172,15 +172,36 @@ def test_generate_writes_png_and_layout_json(bundle, inputs, tmp_path, capsys, p
     layout = json.loads(out.with_suffix(".json").read_text())
     assert layout["format"] == "posterrt-layout" and layout["pipeline"] == pipeline
     assert (layout["width"], layout["height"], layout["seed"]) == (256, 256, 0)
+    assert layout["version"] == 2 and layout["refined"] is True and layout["warnings"] == []
     for element in layout["elements"]:
         x1, y1, x2, y2 = element["box"]
-        assert 0 <= x1 <= x2 <= 256 and 0 <= y1 <= y2 <= 256
+        if element["class"] != "product":  # the product is content, where PlanNet planned it
+            assert 5 <= x1 <= x2 <= 251 and 5 <= y1 <= y2 <= 251  # inside the 2% margin
         assert isinstance(element["class"], str) and 0 <= element["score"] <= 1
-        assert set(element) <= {"class", "box", "score", "text"}
+        assert set(element) <= {"class", "box", "score", "text", "proposal"}
         assert element.get("text") in (None, "Fresh Orange Juice", "Buy 2 get 1 free")
+        assert layout["proposed"][element["proposal"]]["class"] == element["class"]
+    for proposal in layout["proposed"]:
+        assert set(proposal) <= {"class", "box", "score", "outcome", "reason"}
+        assert proposal["outcome"] in ("kept", "moved", "shrunk", "moved+shrunk", "grown", "dropped", "not drawn")
     placed = [e["text"] for e in layout["elements"] if "text" in e]
     assert sorted(placed + layout["unplaced_texts"]) == (
         [] if pipeline == "background" else ["Buy 2 get 1 free", "Fresh Orange Juice"])
+
+
+def test_no_refine_draws_the_proposals_as_they_are(bundle, inputs, tmp_path, capsys):
+    layouts = {}
+    for name, extra in (("refined", []), ("raw", ["--no-refine"])):
+        out = tmp_path / name / "poster.png"
+        assert main(["generate", "--product", str(inputs / "product.png"), "--pipeline", "layout", "--bundle",
+                     str(bundle), "--out", str(out), *RUN, *extra]) == 0
+        layouts[name] = json.loads(out.with_suffix(".json").read_text())
+    raw, refined = layouts["raw"], layouts["refined"]
+    assert raw["refined"] is False and refined["refined"] is True
+    assert [p["box"] for p in raw["proposed"]] == [p["box"] for p in refined["proposed"]]  # the same model output
+    assert {p["outcome"] for p in raw["proposed"]} <= {"kept", "not drawn"}
+    for element in raw["elements"]:
+        assert element["box"] == raw["proposed"][element["proposal"]]["box"]
 
 
 def test_unknown_variant_is_one_line_and_exit_2(bundle, inputs, tmp_path, capsys):
@@ -234,3 +255,18 @@ def test_demo_on_a_fresh_machine_exports_the_tiny_bundle_first(bundle, tmp_path,
     assert calls == [("tiny", list(MODEL_NAMES))]
     assert (tmp_path / "cache" / "posterrt" / "bundles" / "tiny" / MANIFEST).is_file()
     assert (tmp_path / "demo" / "poster.png").is_file() and "exporting the tiny bundle" in captured.out
+
+
+def test_out_creates_at_most_the_last_missing_folder(tmp_path):
+    from posterrt.runtime.commands.generate import check_out
+    from posterrt.runtime.errors import InputError
+    from posterrt.runtime.images import save_png
+
+    poster = save_png(np.zeros((8, 8, 3), np.uint8), check_out(tmp_path / "new" / "poster.png"))
+    assert poster.is_file()
+    with pytest.raises(InputError, match="--out: folder .*missing' does not exist; create it first"):
+        save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "missing" / "deeper" / "poster.png")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file, expected a folder"):
+        check_out(tmp_path / "file" / "poster.png")

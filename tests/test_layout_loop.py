@@ -181,9 +181,9 @@ def test_layout_through_triton_uses_the_stage_and_lays_out_as_embedded(served, b
         pipeline = LayoutPipeline(triton, progress=False)
         assert pipeline.layout.server_layout is not None, "the server serves radm_layout for this bundle"
         before = triton.servers[0].answered
-        elements = pipeline(request).elements
+        elements = pipeline(request).proposed
         assert triton.servers[0].answered == before, "no per-model call: the whole stage ran in the server"
-    expected = LayoutPipeline(embedded, progress=False)(request).elements
+    expected = LayoutPipeline(embedded, progress=False)(request).proposed
     assert LayoutPipeline(embedded, progress=False).layout.server_layout is None
     assert [e.cls for e in elements] == [e.cls for e in expected]
     np.testing.assert_allclose([e.box for e in elements], [e.box for e in expected], rtol=1e-5, atol=1e-3)

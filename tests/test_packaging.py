@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import posterrt.runtime
 
@@ -24,7 +25,7 @@ def test_runtime_imports_without_torch():
                "posterrt.runtime.backends.base", "posterrt.runtime.cli"]
     modules += ["posterrt.runtime.metrics", "posterrt.runtime.commands.eval_layout"]
     modules += ["posterrt.runtime.schedulers", "posterrt.runtime.schedulers.radm", "posterrt.runtime.schedulers.plannet"]
-    modules += ["posterrt.runtime.backends.onnxruntime", "posterrt.runtime.backends.openvino", "posterrt.runtime.images", "posterrt.runtime.text", "posterrt.runtime.compose", "posterrt.runtime.pipelines.poster", "posterrt.runtime.pipelines.layout", "posterrt.runtime.pipelines.background", "posterrt.runtime.pipelines.render", "posterrt.runtime.commands.generate", "posterrt.runtime.commands.demo"]
+    modules += ["posterrt.runtime.backends.onnxruntime", "posterrt.runtime.backends.openvino", "posterrt.runtime.images", "posterrt.runtime.text", "posterrt.runtime.compose", "posterrt.runtime.layout_refine", "posterrt.runtime.pipelines.poster", "posterrt.runtime.pipelines.layout", "posterrt.runtime.pipelines.background", "posterrt.runtime.pipelines.render", "posterrt.runtime.commands.generate", "posterrt.runtime.commands.demo"]
     modules += ["posterrt.runtime.backends", "posterrt.runtime.backends.triton", "posterrt.runtime.triton.repository", "posterrt.runtime.triton.server", "posterrt.runtime.triton.shm", "posterrt.runtime.server_stages", "posterrt.runtime.backends.triton_stages", "posterrt.runtime.triton.stubs.plannet_sampler", "posterrt.runtime.triton.stubs.unet_sampler", "posterrt.runtime.triton.stubs.radm_layout", "posterrt.runtime.families", "posterrt.runtime.commands.repo", "posterrt.runtime.commands.serve", "posterrt.runtime.client"]
     modules += ["posterrt.runtime.accuracy", "posterrt.runtime.ssim"]
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
@@ -59,3 +60,58 @@ def test_cli_help_lists_commands():
 def test_unknown_command_exits_2():
     result = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "frobnicate"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_build_ships_the_demo_assets_without_a_setuptools_warning(tmp_path):
+    """The wheel's runtime holds the demo's PNGs and no build script; setuptools has nothing to warn about."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "build_py", "-d", str(tmp_path)],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "posterrt.runtime.assets" not in result.stdout + result.stderr
+    assets = tmp_path / "posterrt" / "runtime" / "assets"
+    assert sorted(p.name for p in assets.iterdir()) == ["logo.png", "product.png"]
+
+
+def test_version_is_the_distributions():
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"posterrt {version('posterrt')}"
+    assert "--version" in subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "--help"], capture_output=True,
+                                         text=True).stdout
+
+
+def _options(parser, prefix):
+    """(command, option) for every option of ``parser`` and of its subcommands."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{prefix} {name}")
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield prefix, action
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+    import importlib
+
+    from posterrt.runtime.cli import COMMANDS
+
+    missing = []
+    for name, (module, summary) in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=f"posterrt {name}")
+        importlib.import_module(module).add_arguments(parser)
+        missing += [f"{command} {'/'.join(action.option_strings) or action.dest}"
+                    for command, action in _options(parser, f"posterrt {name}") if not action.help]
+    assert missing == []
+
+
+def test_generate_help_shows_the_defaults():
+    result = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", "generate", "--help"], capture_output=True,
+                            text=True)
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for default in ("default 7.5", "(default ddim)", "(default 0)", "default 512x512", "--no-refine"):
+        assert default in text, default

@@ -207,6 +207,10 @@ def test_gpu_flavors_on_disk(small_bundle, tmp_path):
     no_engines = build_repository(small_bundle, tmp_path / "trt", mc.ServingOptions(flavor="gpu-trt"))
     assert sorted(no_engines.missing_plans) == ["plannet_denoiser", "plannet_encoder"]
     assert all("posterrt engines build" in m.note for m in no_engines.models)
+    # the path to copy a plan to is the one that stays, not the staging folder the build wrote in
+    final = tmp_path / "trt" / "plannet_encoder" / "1" / "model.plan"
+    note = next(m.note for m in no_engines.models if m.name == "plannet_encoder")
+    assert f"copy it to {final}" in note and ".staging" not in note and "--engines" in note
     assert read_config(tmp_path / "trt" / "plannet_encoder").platform == "tensorrt_plan"  # config still written
 
     engines = tmp_path / "engines"

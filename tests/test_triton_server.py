@@ -347,9 +347,9 @@ def poster_request(seed: int):
 
 def assert_same_poster(got, want, where: str):
     assert psnr(got.image, want.image) > 60, f"{where}: PSNR {psnr(got.image, want.image):.1f} dB"
-    assert [e.cls for e in got.elements] == [e.cls for e in want.elements], where
+    assert [e.cls for e in got.proposed] == [e.cls for e in want.proposed], where
     scale = max(want.image.shape[:2])  # boxes are pixels: 1e-5 of the canvas
-    for a, b in zip(got.elements, want.elements):
+    for a, b in zip(got.proposed, want.proposed):
         assert np.abs(np.subtract(a.box, b.box)).max() <= 1e-5 * scale and abs(a.score - b.score) <= 1e-5, where
 
 

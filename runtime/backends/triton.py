@@ -251,11 +251,13 @@ class TritonBackend(Backend):
         return {m["name"] for m in index if m.get("state") == "READY"}
 
     def _connect(self, models: list[str] | None, verify: bool) -> None:
+        unreachable = []  # every server is tried, so that the error names each one that cannot be reached
         for server in self.servers:
             try:
                 ready = self._ready_models(server, self.timeout_s)
             except Exception as error:
-                raise BackendError(f"Triton server {server.url} cannot be reached: {_describe(error)}") from None
+                unreachable.append((server.url, _describe(error)))
+                continue
             wanted = models if models is not None else [m for m in self.bundle.models if m in ready]
             missing = [m for m in wanted if m not in ready]
             if missing:
@@ -265,6 +267,11 @@ class TritonBackend(Backend):
                 if verify:
                     self._verify(server, model)
                 server.models.add(model)
+        if len(unreachable) == 1:
+            raise BackendError("Triton server {} cannot be reached: {}".format(*unreachable[0]))
+        if unreachable:
+            raise BackendError(f"{len(unreachable)} Triton servers cannot be reached: "
+                               + "; ".join(f"{url} ({reason})" for url, reason in unreachable))
 
     def _verify(self, server: Server, model: str, seconds: float | None = None, version: str = "") -> None:
         """The server's view of ``model`` (its latest version, or ``version``) must be the bundle's

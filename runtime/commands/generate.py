@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..contracts import parse_variant_list
 from ..errors import InputError
-from ..images import load_product, load_rgb, load_rgba
+from ..images import check_out_folder, load_product, load_rgb, load_rgba
 from ..pipelines import PIPELINES, needs_product_mask
 from ..pipelines.request import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SCHEDULERS, PosterRequest, parse_size
 
@@ -41,9 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", default=None, help="poster size WIDTHxHEIGHT, multiples of 64 in 256..1024 (default 512x512)")
     parser.add_argument("--steps", help="generator denoising steps, 1..200 (default: the bundle's)")
     parser.add_argument("--layout-steps", help="layout sampler steps, 1..200 (default: the layout model's config)")
-    parser.add_argument("--guidance", default=str(DEFAULT_GUIDANCE), help="classifier-free guidance scale, 1..30 (1 = off)")
-    parser.add_argument("--seed", default="0", help="random seed; the same seed and inputs give the same poster")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {', '.join(SCHEDULERS)}")
+    parser.add_argument("--guidance", default=str(DEFAULT_GUIDANCE), help=f"classifier-free guidance scale, 1..30 (1 = off; default {DEFAULT_GUIDANCE:g})")
+    parser.add_argument("--seed", default="0", help="random seed; the same seed and inputs give the same poster (default 0)")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {', '.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
     parser.add_argument("--cache-interval", help="UNet feature cache: one full step then N-1 shallow steps, "
                                                  "1..10 (1 = off; default: the bundle's gated default, else 1)")
     parser.add_argument("--bundle", type=Path, default=None, help=f"exported bundle folder (default: ${BUNDLE_ENV} or "
@@ -55,8 +55,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", default=None, metavar="MODEL=VARIANT,...",
                         help="embedded backend: run these models' gated variants from `posterrt engines optimize` "
                              "(e.g. bg_unet=openvino-bf16,render_unet=openvino-bf16)")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="draw the layout model's boxes as proposed, without refinement (texts may then overlap "
+                             "each other or the product; for studying the model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--out", required=True, type=Path, help="poster PNG to write; the layout JSON goes beside it")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="poster PNG to write; the layout JSON goes beside it (a missing last folder is created)")
 
 
 def parse_int(value, flag: str, low: int, high: int) -> int | None:
@@ -86,7 +90,7 @@ def check_out(out: Path) -> Path:
         raise InputError(f"--out: {str(out)!r} must end in .png (posters are written as PNG)")
     if out.exists() and out.is_dir():
         raise InputError(f"--out: {str(out)!r} is a folder, expected a file name such as poster.png")
-    return out
+    return check_out_folder(out)
 
 
 def build_request(args) -> PosterRequest:
@@ -104,7 +108,7 @@ def build_request(args) -> PosterRequest:
         layout_steps=parse_int(args.layout_steps, "--layout-steps", *STEPS_RANGE),
         guidance=parse_float(args.guidance, "--guidance"),
         seed=parse_int(args.seed, "--seed", 0, 2 ** 63 - 1),
-        scheduler=args.scheduler,
+        scheduler=args.scheduler, refine=not args.no_refine,
         cache_interval=parse_int(args.cache_interval, "--cache-interval", *CACHE_INTERVAL_RANGE),
     )
     return request.validate()

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..backends.base import Backend
-from ..compose import assign_texts, compose_poster
+from ..compose import compose
 from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten
 from ..schedulers.radm import Detections, RadmBoxSampler, RadmSamplerConfig
@@ -110,9 +110,9 @@ class LayoutPipeline:
         with Stages("layout", ("layout", "compose"), self.progress) as stages:
             with stages("layout"):
                 # a cutout (alpha or --mask) is shown on white, as an image viewer shows it
-                background, _ = fit_to_canvas(flatten(request.product, request.product_mask), None, request.size)
+                background, mask = fit_to_canvas(flatten(request.product, request.product_mask), request.product_mask,
+                                                 request.size)
                 elements = self.layout(background, request.texts, request.seed, request.layout_steps)
             with stages("compose"):
-                unplaced = assign_texts(elements, request.texts)
-                poster = compose_poster(background, elements, request.logo)
-        return PosterResult(poster, elements, "layout", request, unplaced, stages.timings)
+                composition = compose(background, elements, request.texts, request.logo, mask, request.refine)
+        return PosterResult.composed(composition, "layout", request, stages.timings)

@@ -3,7 +3,7 @@ then draw them (networks.md, "The pipeline users run")."""
 from __future__ import annotations
 
 from ..backends.base import Backend
-from ..compose import assign_texts, compose_poster
+from ..compose import compose
 from ..errors import InputError
 from ..images import fit_to_canvas
 from .background import BackgroundPipeline
@@ -32,6 +32,5 @@ class PosterPipeline:
             with stages("layout"):
                 elements = self.layout(background, request.texts, request.seed, request.layout_steps)
             with stages("compose"):
-                unplaced = assign_texts(elements, request.texts)
-                poster = compose_poster(background, elements, request.logo)
-        return PosterResult(poster, elements, "poster", request, unplaced, stages.timings)
+                composition = compose(background, elements, request.texts, request.logo, mask, request.refine)
+        return PosterResult.composed(composition, "poster", request, stages.timings)

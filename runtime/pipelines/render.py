@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends.base import Backend
-from ..compose import assign_texts, compose_poster
+from ..compose import compose
 from ..errors import InputError
 from ..families import FAMILIES
 from ..images import mask_box
@@ -51,9 +51,8 @@ class RenderPipeline:
                                                                   request.size)
                 image = self.render(canvas, product_mask, product_box, elements, request)
             with stages("compose"):  # texts into their boxes
-                unplaced = assign_texts(elements, request.texts)
-                poster = compose_poster(image, elements, request.logo)
-        return PosterResult(poster, elements, "render", request, unplaced, stages.timings)
+                composition = compose(image, elements, request.texts, request.logo, product_mask, request.refine)
+        return PosterResult.composed(composition, "render", request, stages.timings)
 
     def render(self, canvas, product_mask, product_box, elements, request) -> np.ndarray:
         guidance, rng = request.guidance, stage_rng(request.seed, "render")

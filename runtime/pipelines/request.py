@@ -27,6 +27,8 @@ DEFAULT_SCHEDULER = "ddim"
 DEFAULT_GUIDANCE = 7.5
 #: Default canvas: the contracts' optimum size (the size TensorRT profiles are tuned for).
 DEFAULT_SIZE = (DYNAMIC_DIMS["width"].opt, DYNAMIC_DIMS["height"].opt)
+#: 2: ``elements`` became what was drawn (refined); the model's own boxes moved to ``proposed``.
+LAYOUT_JSON_VERSION = 2
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -86,6 +88,7 @@ class PosterRequest:
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER
     cache_interval: int | None = None  # UNet feature cache (1 = off); None: the bundle's gated default
+    refine: bool = True  # False (--no-refine): draw the layout model's boxes as proposed
 
     def validate(self) -> "PosterRequest":
         check_pixels(self.product, "product", channels=3)
@@ -125,6 +128,8 @@ class PosterRequest:
         if not (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and 0 <= self.seed < 2 ** 63):
             raise InputError(f"--seed: got {self.seed!r}, expected an integer in 0..2**63-1")
         self.category = check_category(self.category)
+        if not isinstance(self.refine, (bool, np.bool_)):
+            raise InputError(f"refine: got {self.refine!r}, expected True or False")
         return self
 
 
@@ -134,6 +139,9 @@ class LayoutElement:
     box: tuple[float, float, float, float]  # pixel x1, y1, x2, y2 on the poster
     score: float
     text: str | None = None  # the text line placed in this box (text boxes only)
+    outcome: str | None = None  # proposed elements: what refinement did with it (layout_refine)
+    reason: str | None = None  # proposed elements: why it was dropped or not drawn
+    proposal: int | None = None  # drawn elements: index of the proposed element it comes from
 
     @property
     def area(self) -> float:
@@ -142,8 +150,9 @@ class LayoutElement:
 
     def to_json(self) -> dict:
         out = {"class": self.cls, "box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 4)}
-        if self.text is not None:
-            out["text"] = self.text
+        for key in ("text", "proposal", "outcome", "reason"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -155,13 +164,24 @@ class PosterResult:
     request: PosterRequest
     unplaced_texts: list[str] = field(default_factory=list)  # texts for which no text box was predicted
     timings: dict = field(default_factory=dict)  # stage -> seconds
+    proposed: list[LayoutElement] = field(default_factory=list)  # the layout model's elements, with outcomes
+    warnings: list[str] = field(default_factory=list)  # what the drawing lacked (e.g. a CJK font)
+
+    @classmethod
+    def composed(cls, composition, pipeline: str, request: PosterRequest, timings: dict) -> "PosterResult":
+        """The result of a pipeline that drew a layout (``compose.Composition``)."""
+        placement = composition.placement
+        return cls(composition.image, placement.elements, pipeline, request, placement.unplaced_texts, timings,
+                   placement.proposed, composition.warnings)
 
     def layout_json(self) -> dict:
         """The ``poster.json`` document; schema in docs/layout-json.md."""
         height, width = self.image.shape[:2]
         return {
-            "format": "posterrt-layout", "version": 1, "pipeline": self.pipeline,
-            "width": width, "height": height, "seed": int(self.request.seed),
+            "format": "posterrt-layout", "version": LAYOUT_JSON_VERSION, "pipeline": self.pipeline,
+            "width": width, "height": height, "seed": int(self.request.seed), "refined": bool(self.request.refine),
             "elements": [e.to_json() for e in self.elements],
+            "proposed": [e.to_json() for e in self.proposed],
             "unplaced_texts": list(self.unplaced_texts),
+            "warnings": list(self.warnings),
         }

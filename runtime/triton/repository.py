@@ -207,8 +207,10 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
                                                 f"`posterrt engines build --models {name}`")
     if plan is None:
         where = f"in {engines}" if engines else "(no --engines folder given)"
+        final = folder.parent / name / version.relative_to(folder) / "model.plan"  # ``folder`` is a staging copy
         return ModelReport(name, folder, False, f"no TensorRT plan for {name} {where}; build it with "
-                                                f"`posterrt engines build` and copy it to {version / 'model.plan'}")
+                                                f"`posterrt engines build` and copy it to {final}"
+                                                f"{'' if engines else ' (or pass --engines FOLDER)'}")
     _link_or_copy(plan, version / "model.plan")
     return ModelReport(name, folder, True)
 

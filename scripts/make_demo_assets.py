@@ -1,6 +1,8 @@
 """Draws the product cutout and logo that ``posterrt demo`` uses (run once; the PNGs are committed).
 
-    python runtime/assets/make_product.py
+    python scripts/make_demo_assets.py
+
+Kept outside the package: the wheel ships the PNGs, not the script that drew them.
 
 The product is a juice bottle on a transparent background (the alpha channel is the cutout mask),
 placed right of centre so the layout has free space for texts. Drawn, not photographed: the
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "runtime" / "assets"
 SIZE = 512
 
 

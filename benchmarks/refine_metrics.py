@@ -1,0 +1,127 @@
+"""Layout metrics of the raw and the refined layout over many seeds (docs/metrics.md, "Refinement").
+
+For each seed the canvas and the layout model's proposals are made once; the raw layout
+(``--no-refine``) and the refined one are composed from the same proposals, so the two differ only
+by refinement. Written per seed: ``raw/<seed>.json``, ``refined/<seed>.json`` (layout JSONs),
+``canvas/<seed>.png`` (the canvas without texts: readability reads it) and ``masks/<seed>.png`` (the
+product on the canvas: the saliency stand-in). Then ``posterrt eval-layout`` scores both folders:
+
+    python -m posterrt.benchmarks.refine_metrics --bundle bundles/tiny --seeds 50 --out out/refine
+    posterrt eval-layout --layouts out/refine/refined --images out/refine/canvas --masks out/refine/masks \\
+        --out out/refine/refined_report.json
+
+``--pipeline poster`` paints the background (the demo); ``layout`` lays out on the product fitted to
+a white canvas (RADM alone: what a paper-size bundle of the three RADM models can run).
+``--score-threshold`` replaces RADM's 0.25: the paper preset's random weights score every box
+near 0.01 (their class prior), so at 0.25 their layouts are empty and there is nothing to refine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from posterrt.runtime.backends.onnxruntime import OrtBackend
+from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.commands import demo
+from posterrt.runtime.commands.eval_layout import evaluate_files, format_table
+from posterrt.runtime.compose import compose
+from posterrt.runtime.images import fit_to_canvas, flatten, load_product, load_rgba
+from posterrt.runtime.pipelines.layout import RADMLayout
+from posterrt.runtime.pipelines.request import PosterRequest, PosterResult
+from posterrt.runtime.schedulers.radm import RadmBoxSampler
+
+#: The metrics the comparison is about (issue 19): lower overlap and occlusion, higher underlay
+#: effectiveness, readability no worse.
+HEADLINE = ("posterlayout.overlap", "radm.R_ove", "posterlayout.occlusion", "posterlayout.underlay_loose",
+            "posterlayout.underlay_strict", "radm.R_und", "posterlayout.readability", "radm.R_com",
+            "posterlayout.utility", "posterlayout.validity")
+
+
+def canvas_and_proposals(pipeline: str, request: PosterRequest, layout: RADMLayout, background=None):
+    """(canvas RGB, product mask on the canvas, the layout model's elements) for one request."""
+    if pipeline == "poster":
+        canvas, mask = fit_to_canvas(request.product, request.product_mask, request.size)
+        canvas = background.generate(canvas, mask, request)
+    else:
+        canvas, mask = fit_to_canvas(flatten(request.product, request.product_mask), request.product_mask,
+                                     request.size)
+    return canvas, mask, layout(canvas, request.texts, request.seed, request.layout_steps)
+
+
+def write_seed(out: Path, seed: int, pipeline: str, canvas, mask, proposals, request: PosterRequest, logo) -> None:
+    Image.fromarray(canvas).save(out / "canvas" / f"{seed}.png")
+    Image.fromarray((mask * 255).round().astype(np.uint8)).save(out / "masks" / f"{seed}.png")
+    for name, refine in (("raw", False), ("refined", True)):
+        composition = compose(canvas, proposals, request.texts, logo, mask, refine)
+        result = PosterResult.composed(composition, pipeline, PosterRequest(**{**vars(request), "refine": refine}), {})
+        (out / name / f"{seed}.json").write_text(json.dumps(result.layout_json(), ensure_ascii=False), encoding="utf-8")
+        Image.fromarray(composition.image).save(out / name / f"{seed}.png")
+
+
+def evaluate(out: Path) -> dict:
+    """``posterrt eval-layout`` over both folders; the reports are written beside them."""
+    reports = {}
+    for name in ("raw", "refined"):
+        args = argparse.Namespace(layouts=out / name, images=out / "canvas", saliency=None, masks=out / "masks",
+                                  out=out / f"{name}_report.json")
+        reports[name] = evaluate_files(args)
+        args.out.write_text(json.dumps(reports[name], indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        print(f"{name}:\n{format_table(reports[name])}")
+    return reports
+
+
+def markdown(reports: dict) -> str:
+    lines = ["| metric | better | raw | refined | n (raw / refined) |", "|---|---|---|---|---|"]
+    for name in HEADLINE:
+        better = reports["raw"]["metrics"][name]["better"]
+        cells = [reports[side]["means"][name] for side in ("raw", "refined")]
+        shown = ["-" if v is None else f"{v:.4f}" for v in cells]
+        lines.append(f"| `{name}` | {better} | {shown[0]} | {shown[1]} | "
+                     f"{reports['raw']['n'][name]} / {reports['refined']['n'][name]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posterrt.benchmarks.refine_metrics", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (poster: every model; layout: RADM's three)")
+    parser.add_argument("--pipeline", default="poster", choices=("poster", "layout"), help="how the canvas is made")
+    parser.add_argument("--seeds", type=int, default=50, help="seeds 0..N-1 (default 50)")
+    parser.add_argument("--size", type=int, default=512, help="square poster size in pixels (default 512)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="RADM's score threshold instead of the model config's (random weights: 0)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for layouts, canvases, masks and reports")
+    args = parser.parse_args(argv)
+    for name in ("raw", "refined", "canvas", "masks"):
+        (args.out / name).mkdir(parents=True, exist_ok=True)
+    product, mask = load_product(demo.PRODUCT)
+    logo = load_rgba(demo.LOGO, "logo")
+    with OrtBackend(Bundle(args.bundle)) as backend:
+        layout = RADMLayout(backend, progress=False)
+        if args.score_threshold is not None:
+            layout.sampler = RadmBoxSampler(dataclasses.replace(layout.sampler.config, score_threshold=args.score_threshold))
+        background = None
+        if args.pipeline == "poster":
+            from posterrt.runtime.pipelines.background import BackgroundPipeline
+
+            background = BackgroundPipeline(backend, progress=False)
+        for seed in tqdm(range(args.seeds), desc="seeds", unit="seed"):
+            request = PosterRequest(product=product, product_mask=mask, texts=list(demo.TEXTS), category=demo.CATEGORY,
+                                    logo=logo, size=(args.size, args.size), seed=seed).validate()
+            canvas, canvas_mask, proposals = canvas_and_proposals(args.pipeline, request, layout, background)
+            write_seed(args.out, seed, args.pipeline, canvas, canvas_mask, proposals, request, logo)
+    reports = evaluate(args.out)
+    table = markdown(reports)
+    (args.out / "table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
