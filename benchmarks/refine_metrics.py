@@ -12,6 +12,9 @@ product on the canvas: the saliency stand-in). Then ``posterrt eval-layout`` sco
 
 ``--pipeline poster`` paints the background (the demo); ``layout`` lays out on the product fitted to
 a white canvas (RADM alone: what a paper-size bundle of the three RADM models can run).
+``--recompose`` skips the models: it composes again from the canvases, masks and proposals an
+earlier run wrote into ``--out`` (proposal boxes as the JSON rounds them, to 0.01 px), to measure a
+change of the refinement alone.
 ``--score-threshold`` replaces RADM's 0.25: the paper preset's random weights score every box
 near 0.01 (their class prior), so at 0.25 their layouts are empty and there is nothing to refine.
 """
@@ -34,7 +37,7 @@ from posterrt.runtime.commands.eval_layout import evaluate_files, format_table
 from posterrt.runtime.compose import compose
 from posterrt.runtime.images import fit_to_canvas, flatten, load_product, load_rgba
 from posterrt.runtime.pipelines.layout import RADMLayout
-from posterrt.runtime.pipelines.request import PosterRequest, PosterResult
+from posterrt.runtime.pipelines.request import LayoutElement, PosterRequest, PosterResult
 from posterrt.runtime.schedulers.radm import RadmBoxSampler
 
 #: The metrics the comparison is about (issue 19): lower overlap and occlusion, higher underlay
@@ -77,7 +80,19 @@ def evaluate(out: Path) -> dict:
     return reports
 
 
-def markdown(reports: dict) -> str:
+def counts(folder: Path) -> dict[str, float]:
+    """Per layout, mean over the folder: text lines placed (of all given) and elements drawn, by class."""
+    layouts = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+    placed = sum(sum(1 for e in d["elements"] if "text" in e) for d in layouts)
+    given = sum(sum(1 for e in d["elements"] if "text" in e) + len(d["unplaced_texts"]) for d in layouts)
+    out = {"text lines placed / given": placed / max(1, given)}
+    for cls in ("text", "underlay", "logo"):
+        out[f"{cls} elements drawn per poster"] = sum(
+            sum(1 for e in d["elements"] if e["class"] == cls) for d in layouts) / max(1, len(layouts))
+    return out
+
+
+def markdown(reports: dict, out: Path) -> str:
     lines = ["| metric | better | raw | refined | n (raw / refined) |", "|---|---|---|---|---|"]
     for name in HEADLINE:
         better = reports["raw"]["metrics"][name]["better"]
@@ -85,23 +100,53 @@ def markdown(reports: dict) -> str:
         shown = ["-" if v is None else f"{v:.4f}" for v in cells]
         lines.append(f"| `{name}` | {better} | {shown[0]} | {shown[1]} | "
                      f"{reports['raw']['n'][name]} / {reports['refined']['n'][name]} |")
+    raw, refined = counts(out / "raw"), counts(out / "refined")
+    n = len(reports["raw"]["layouts"])
+    lines += [f"| {name} | | {raw[name]:.2f} | {refined[name]:.2f} | {n} / {n} |" for name in raw]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posterrt.benchmarks.refine_metrics", description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (poster: every model; layout: RADM's three)")
+    parser.add_argument("--bundle", type=Path, help="bundle folder (poster: every model; layout: RADM's three)")
     parser.add_argument("--pipeline", default="poster", choices=("poster", "layout"), help="how the canvas is made")
     parser.add_argument("--seeds", type=int, default=50, help="seeds 0..N-1 (default 50)")
     parser.add_argument("--size", type=int, default=512, help="square poster size in pixels (default 512)")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="RADM's score threshold instead of the model config's (random weights: 0)")
+    parser.add_argument("--recompose", action="store_true",
+                        help="reuse the canvases, masks and proposals already in --out (no model runs)")
     parser.add_argument("--out", type=Path, required=True, help="folder for layouts, canvases, masks and reports")
     args = parser.parse_args(argv)
+    if args.bundle is None and not args.recompose:
+        parser.error("--bundle is required unless --recompose")
     for name in ("raw", "refined", "canvas", "masks"):
         (args.out / name).mkdir(parents=True, exist_ok=True)
     product, mask = load_product(demo.PRODUCT)
     logo = load_rgba(demo.LOGO, "logo")
+    if args.recompose:
+        for seed in tqdm(range(args.seeds), desc="seeds", unit="seed"):
+            recompose(args.out, seed, product, mask, logo)
+    else:
+        run_models(args, product, mask, logo)
+    reports = evaluate(args.out)
+    table = markdown(reports, args.out)
+    (args.out / "table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+def recompose(out: Path, seed: int, product, mask, logo) -> None:
+    canvas = np.asarray(Image.open(out / "canvas" / f"{seed}.png").convert("RGB"))
+    canvas_mask = np.asarray(Image.open(out / "masks" / f"{seed}.png"), dtype=np.float32) / 255.0
+    earlier = json.loads((out / "raw" / f"{seed}.json").read_text(encoding="utf-8"))
+    proposals = [LayoutElement(p["class"], tuple(p["box"]), p["score"]) for p in earlier["proposed"]]
+    request = PosterRequest(product=product, product_mask=mask, texts=list(demo.TEXTS), category=demo.CATEGORY,
+                            logo=logo, size=(canvas.shape[1], canvas.shape[0]), seed=seed).validate()
+    write_seed(out, seed, earlier["pipeline"], canvas, canvas_mask, proposals, request, logo)
+
+
+def run_models(args, product, mask, logo) -> None:
     with OrtBackend(Bundle(args.bundle)) as backend:
         layout = RADMLayout(backend, progress=False)
         if args.score_threshold is not None:
@@ -116,11 +161,6 @@ def main(argv=None) -> int:
                                     logo=logo, size=(args.size, args.size), seed=seed).validate()
             canvas, canvas_mask, proposals = canvas_and_proposals(args.pipeline, request, layout, background)
             write_seed(args.out, seed, args.pipeline, canvas, canvas_mask, proposals, request, logo)
-    reports = evaluate(args.out)
-    table = markdown(reports)
-    (args.out / "table.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
-    return 0
 
 
 if __name__ == "__main__":

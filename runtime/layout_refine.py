@@ -17,8 +17,9 @@ drawing. The rules (docs/layout-json.md, "Refinement"):
 5. **Minimal change.** Proposals are taken best score first: texts until every text line has a box,
    then one logo (when a logo is drawn), then underlays. A box that breaks a rule moves and/or
    shrinks (each side to no less than ``MIN_SCALE``) to the legal box of least cost: displacement
-   over the shorter side plus the share of area lost. With no legal box it is dropped; a text line
-   left without a box is reported in ``unplaced_texts``.
+   over the shorter side plus the share of area lost. A text box stays at least ``MIN_TEXT_SIZE``
+   wide and high (fractions of the shorter side: narrower, no word is legible). With no legal box it is
+   dropped; a text line left without a box is reported in ``unplaced_texts``.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ BACKS = 0.5
 #: Each side keeps at least half its length: a smaller text would no longer be the one the model sized.
 MIN_SCALE = 0.5
 SCALES = (1.0, 0.9, 0.8, 0.7, 0.6, MIN_SCALE)
+#: (width, height) under which a text box holds no legible word (fractions of the shorter side:
+#: 41 x 20 px at 512): such proposals are dropped and no text box shrinks below it.
+MIN_TEXT_SIZE = (0.08, 0.04)
 #: Search grid of positions, as a fraction of the shorter side (5 px on a 512 canvas).
 STEP = 0.01
 #: When two boxes' vertical centres are closer than this fraction of the smaller height, they are on one row.
@@ -96,8 +100,10 @@ class Room:
             return False
         return not any(overlap(box, other) for other in obstacles)
 
-    def nearest(self, box: Box, obstacles: list[Box]) -> Box | None:
-        """The legal box closest to ``box`` (rule 5's cost), or None."""
+    def nearest(self, box: Box, obstacles: list[Box], min_size: tuple[int, int] = (1, 1)) -> Box | None:
+        """The legal box closest to ``box`` (rule 5's cost), at least ``min_size`` (w, h), or None."""
+        if box[2] - box[0] < min_size[0] or box[3] - box[1] < min_size[1]:
+            return None
         if self.allows(box, obstacles):
             return box
         ix1, iy1, ix2, iy2 = self.inner
@@ -108,6 +114,8 @@ class Room:
         for sx in SCALES:
             for sy in SCALES:
                 w, h = max(1, int(round(width * sx))), max(1, int(round(height * sy)))
+                if w < min_size[0] or h < min_size[1]:
+                    continue
                 lost = 1.0 - (w * h) / max(1, (x2 - x1) * (y2 - y1))
                 if lost >= best_cost:
                     continue
@@ -246,10 +254,12 @@ def refine_layout(proposals: list[LayoutElement], texts: list[str], size: tuple[
     placed: dict[int, Box] = {}  # proposal index -> box, texts and logo
 
     def place(index: int) -> bool:
-        box = room.nearest(pixel_box(proposed[index].box), room.keep_clear(list(placed.values())))
+        min_size = tuple(int(round(f * min(size))) for f in MIN_TEXT_SIZE) if proposed[index].cls == "text" else (1, 1)
+        box = room.nearest(pixel_box(proposed[index].box), room.keep_clear(list(placed.values())), min_size)
         if box is None:
             proposed[index].outcome = DROPPED
-            proposed[index].reason = "no box inside the margin, off the product and clear of placed elements"
+            proposed[index].reason = ("no box inside the margin, off the product, clear of placed elements "
+                                      "and large enough to read")
             return False
         placed[index] = box
         proposed[index].outcome = change(pixel_box(proposed[index].box), box)

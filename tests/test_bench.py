@@ -117,3 +117,7 @@ def test_refine_metrics_scores_raw_and_refined_layouts_of_the_same_proposals(tin
         same = ("class", "box", "score")
         assert [[p[k] for k in same] for p in raw["proposed"]] == [[p[k] for k in same] for p in refined["proposed"]]
     assert "| `posterlayout.overlap` |" in (out / "table.md").read_text()
+    # again from what the run wrote, without the models: the same proposals, the same raw layouts
+    before = (out / "raw" / "0.json").read_text()
+    assert refine_metrics(["--recompose", "--seeds", "2", "--out", str(out)]) == 0
+    assert (out / "raw" / "0.json").read_text() == before

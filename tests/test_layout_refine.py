@@ -225,3 +225,15 @@ def test_an_underlay_far_larger_than_its_text_is_cut_to_reach_near_it():
     huge = _element("underlay", (10, 10, 246, 246))  # covers the text, and nearly the whole canvas
     underlay, = _boxes(refine_layout([text, huge], ["Sale"], SIZE), "underlay")
     assert underlay == (90, 90, 170, 130)
+
+
+def test_a_text_box_too_narrow_to_read_is_dropped_for_the_next():
+    sliver = _element("text", (200, 20, 218, 200), score=0.9)  # 18 px wide: under 8% of 256 (20 px)
+    wide = _element("text", (20, 20, 150, 60), score=0.5)
+    placement = refine_layout([sliver, wide], ["Sale"], SIZE)
+    assert _boxes(placement, "text") == [wide.box]
+    assert placement.proposed[0].outcome == DROPPED and "large enough to read" in placement.proposed[0].reason
+    # nor does a text box shrink below it to dodge the product
+    mask = _product((0, 0, 256, 240))
+    low = _element("text", (20, 200, 200, 222))  # 22 px high; under the product only 8 px are free (4%: 10)
+    assert refine_layout([low], ["Sale"], SIZE, mask).unplaced_texts == ["Sale"]
