@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.cli import main as posterrt
 from posterrt.runtime.commands import demo
-from posterrt.runtime.commands.eval_layout import evaluate_files, format_table
 from posterrt.runtime.compose import compose
 from posterrt.runtime.images import fit_to_canvas, flatten, load_product, load_rgba
 from posterrt.runtime.pipelines.layout import RADMLayout
@@ -69,14 +69,16 @@ def write_seed(out: Path, seed: int, pipeline: str, canvas, mask, proposals, req
 
 
 def evaluate(out: Path) -> dict:
-    """``posterrt eval-layout`` over both folders; the reports are written beside them."""
+    """``posterrt eval-layout`` over both folders (the command itself); the reports go beside them."""
     reports = {}
     for name in ("raw", "refined"):
-        args = argparse.Namespace(layouts=out / name, images=out / "canvas", saliency=None, masks=out / "masks",
-                                  out=out / f"{name}_report.json")
-        reports[name] = evaluate_files(args)
-        args.out.write_text(json.dumps(reports[name], indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        print(f"{name}:\n{format_table(reports[name])}")
+        report = out / f"{name}_report.json"
+        print(f"{name}:")
+        code = posterrt(["eval-layout", "--layouts", str(out / name), "--images", str(out / "canvas"),
+                         "--masks", str(out / "masks"), "--out", str(report)])
+        if code:
+            raise SystemExit(code)
+        reports[name] = json.loads(report.read_text(encoding="utf-8"))
     return reports
 
 

@@ -115,3 +115,16 @@ def test_generate_help_shows_the_defaults():
     text = " ".join(result.stdout.split())  # argparse wraps lines
     for default in ("default 7.5", "(default ddim)", "(default 0)", "default 512x512", "--no-refine"):
         assert default in text, default
+
+
+def test_what_the_demo_writes_is_ignored_by_git():
+    import shutil
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("demo/poster.png", "posterrt-demo/poster.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0, path
+    assert subprocess.run(["git", "check-ignore", "-q", "docs/demo-poster.png"], cwd=root).returncode == 1
