@@ -289,22 +289,22 @@ def refine_layout(proposals: list[LayoutElement], texts: list[str], size: tuple[
         element, box = found
         backed[element] = (index, box)
         proposed[index].outcome = change(pixel_box(proposed[index].box), box)
-    for index in by_score(proposed, "embellishment"):
-        proposed[index].reason = "embellishments are not drawn"
+    for element in proposed:
+        if element.cls == "embellishment":
+            element.reason = "embellishments are not drawn"
+        elif element.cls == "product":  # content: drawn where it was planned
+            element.outcome = KEPT
 
-    drawn = [replace(proposed[i], box=tuple(float(v) for v in box), outcome=None, reason=None, proposal=i)
-             for i, box in backed.values()]
-    drawn += [replace(e, outcome=None, reason=None, proposal=i) for i, e in enumerate(proposed) if e.cls == "product"]
-    for i, e in enumerate(proposed):
-        if e.cls == "product":
-            e.outcome = KEPT
-    drawn += [replace(proposed[i], box=tuple(float(v) for v in placed[i]), outcome=None, reason=None, proposal=i)
-              for i in placed if proposed[i].cls == "logo"]
-    text_elements = [replace(proposed[i], box=tuple(float(v) for v in placed[i]), outcome=None, reason=None, proposal=i)
-                     for i in text_indices]
-    for element, text in zip(reading_order(text_elements), texts):
+    def drawn(index: int, box) -> LayoutElement:
+        return replace(proposed[index], box=tuple(float(v) for v in box), outcome=None, reason=None, proposal=index)
+
+    texts_drawn = [drawn(i, placed[i]) for i in text_indices]
+    for element, text in zip(reading_order(texts_drawn), texts):
         element.text = text
-    return Placement(drawn + text_elements, proposed, list(texts[len(text_indices):]))
+    elements = [drawn(i, box) for i, box in backed.values()]  # in drawing order: underlays, product, logo, texts
+    elements += [drawn(i, e.box) for i, e in enumerate(proposed) if e.cls == "product"]
+    elements += [drawn(i, box) for i, box in placed.items() if proposed[i].cls == "logo"]
+    return Placement(elements + texts_drawn, proposed, list(texts[len(text_indices):]))
 
 
 def back(underlay: Box, placed: dict[int, Box], backed: dict, room: Room) -> tuple[int, Box] | None:
