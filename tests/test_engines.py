@@ -586,18 +586,41 @@ def test_engine_helpers_import_without_torch_or_tensorrt():
 # ---------------------------------------------------------------------------------------------
 # benchmarks/gpu_check.py
 # ---------------------------------------------------------------------------------------------
-def test_gpu_check_logic_runs_on_cpu():
-    """The script's PyTorch half on a tiny per-step model, on the CPU: parity computed, timings recorded."""
+def test_gpu_check_runs_its_whole_flow_on_cpu_with_the_stand_in(monkeypatch):
+    """benchmarks/gpu_check.py end to end for the tiny bg_unet on the CPU: export, ONNX Runtime
+    reference, the engines' fp16 preparation and build_plan, a PlanRunner bound to torch tensors,
+    refit with other weights, timings. The stand-in's "engine" runs the plan's ONNX in ONNX Runtime
+    at the bound addresses, so binding, shapes, dtypes, profile and refit are exercised for real;
+    every TensorRT call is held to the stubs. The figures mean nothing (CPU)."""
     from posterrt.benchmarks import gpu_check
 
+    trt = standin(TRT_VERSION)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     lines = []
-    results = gpu_check.run_checks(["plannet_denoiser"], ["tiny"], "cpu", repeats=2, tensorrt=False, log=lines.append)
+    results = gpu_check.run_checks(gpu_check.parse_runs("tiny:bg_unet"), "cpu", repeats=2, log=lines.append)
     (row,) = results["results"]
     assert "error" not in row, row
-    assert row["torch_fp16_vs_fp32"]["passed"] and 0 < max(row["torch_fp16_vs_fp32"]["max_rel"].values()) <= FP16_RTOL
-    assert row["latency"]["torch_fp32"]["n"] == 2 and row["latency"]["torch_fp16"]["p50_ms"] > 0
-    assert row["fp16_mode"] in ("half", "autocast") and "plannet_denoiser" in lines[0]
-    assert set(gpu_check.STEP_MODELS) == {"radm_head", "plannet_denoiser", "bg_unet", "render_unet"}
+    assert results["failed"] == [] and results["machine"]["tensorrt"] == TRT_VERSION
+    assert row["tensorrt_fp16_vs_onnxruntime_fp32"]["passed"]
+    assert 0 < max(row["tensorrt_fp16_vs_onnxruntime_fp32"]["max_rel"].values()) <= FP16_RTOL  # fp16 vs fp32: not 0
+    refit = row["refit"]
+    assert refit["moved"] and refit["tensorrt_vs_onnxruntime_new_weights"]["passed"], refit
+    assert row["latency"]["tensorrt_fp16"]["n"] == 2 and row["latency"]["torch"]["p50_ms"] > 0
+    assert row["latency"]["torch_mode"] == "fp32 (cpu)"  # fp16 on a GPU; the CPU's fp16 kernels take seconds
+    (context,) = trt.calls["contexts"]
+    assert context._runs == 1 + 1 + 1 + 2  # parity, refit, one warm-up, two timed runs
+    assert set(row["stage_seconds"]) == {"build_module", "export_and_prepare", "onnxruntime_reference",
+                                         "tensorrt_build", "tensorrt_parity", "refit", "latency"}
+    assert lines[0].startswith("tiny  bg_unet      parity ") and "refit 7 weights" in lines[0]
+
+
+def test_gpu_check_command_refuses_what_it_cannot_run(capsys):
+    from posterrt.benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--runs", "tiny:bg_unett"]) == 2
+    assert "bg_unett" in capsys.readouterr().err
+    assert gpu_check.main(["--device", "cpu", "--runs", "bg_unet"]) == 2
+    assert "--runs: 'bg_unet' is not PRESET:MODEL" in capsys.readouterr().err
 
 
 def test_gpu_check_on_a_gpu():
@@ -605,13 +628,14 @@ def test_gpu_check_on_a_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU (none visible to torch here); run python -m posterrt.benchmarks.gpu_check on one")
     from posterrt.benchmarks import gpu_check
+    from posterrt.engines.build import TensorRTMissing, import_tensorrt
 
-    results = gpu_check.run_checks(["bg_unet"], ["tiny"], "cuda", repeats=5, tensorrt=gpu_check.tensorrt_available())
-    (row,) = results["results"]
-    assert "error" not in row, row
-    assert row["torch_fp16_vs_fp32"]["passed"], row
-    if "tensorrt" in row:
-        assert row["tensorrt"]["trt_fp16_vs_torch_fp32"]["passed"], row
+    try:
+        import_tensorrt()
+    except TensorRTMissing as error:
+        pytest.skip(f"needs TensorRT: {error}")
+    results = gpu_check.run_checks(gpu_check.parse_runs("tiny:bg_unet"), "cuda", repeats=5)
+    assert results["failed"] == [], results
 
 
 def test_build_command_end_to_end_with_the_stand_in(fake_trt, bundle, tmp_path, capsys):

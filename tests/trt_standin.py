@@ -24,8 +24,10 @@ that the prepared ONNX, the flags, the profile and the timing cache arrived as i
 from __future__ import annotations
 
 import ast
+import ctypes
 import enum
 import functools
+import importlib.machinery
 import importlib.util
 import inspect
 import json
@@ -34,6 +36,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 STUBS_VERSION = "10.13"
@@ -350,6 +353,11 @@ def _is_buffer(value) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The stand-in module
 # ---------------------------------------------------------------------------------------------
+_ONNX_TYPES = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
+               "tensor(int64)": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32,
+               "tensor(bool)": onnx.TensorProto.BOOL}
+
+
 class StandInModule(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -366,6 +374,7 @@ def standin(version: str = "10.13.0.35"):
     """A fresh stand-in ``tensorrt`` module for ``version`` (10.x or 11.x); ``trt.calls`` records."""
     api = API(version)
     trt = StandInModule("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # importlib.util.find_spec asks (torch._dynamo)
     trt.__version__ = version
     trt.api = api
     trt.calls = calls = {"configs": [], "refits": [], "plugins": [], "contexts": []}
@@ -454,6 +463,7 @@ def standin(version: str = "10.13.0.35"):
                 return False
             object.__setattr__(self._network, "_inputs", [i.name for i in loaded.graph.input])
             object.__setattr__(self._network, "_model", loaded)
+            object.__setattr__(self._network, "_path", model)
             return True
 
     trt.unsupported_ops = ()  # tests set op types the stand-in parser rejects
@@ -539,31 +549,57 @@ def standin(version: str = "10.13.0.35"):
             plan = {"inputs": network._inputs, "network_flags": network.flags,
                     "builder_flags": sorted(f.name for f in config._flags),
                     "initializer_types": sorted({t.data_type for t in model.graph.initializer}),
-                    "outputs": [o.name for o in model.graph.output], "refitted_from": None}
+                    "outputs": [o.name for o in model.graph.output], "refitted_from": None, "onnx": network._path,
+                    "profile": config._profiles[0]._shapes if config._profiles else {}}
             return IHostMemory._create(json.dumps(plan).encode())
 
     @api.implements("IExecutionContext")
     class IExecutionContext:
         def __init__(self, engine):
-            for name, value in (("_engine", engine), ("_shapes", {}), ("_addresses", {}), ("_runs", 0)):
+            for name, value in (("_engine", engine), ("_shapes", {}), ("_addresses", {}), ("_runs", 0), ("_session", None)):
                 object.__setattr__(self, name, value)
             calls["contexts"].append(self)
 
         def set_input_shape(self, name, shape):
+            low, _, high = self._engine._plan["profile"][name]
+            if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
+                return False  # outside the profile: TensorRT logs an error and answers False
             self._shapes[name] = tuple(shape)
             return True
 
         def get_tensor_shape(self, name):
-            first = next(iter(self._shapes.values()))  # outputs: batch of the first input (a recording)
-            return (first[0],)
+            if name in self._shapes:
+                return self._shapes[name]
+            return self._compute()[name].shape
 
         def set_tensor_address(self, name, memory):
             self._addresses[name] = memory
             return True
 
         def execute_async_v3(self, stream_handle):
+            # the "engine" is ONNX Runtime on the plan's ONNX, reading and writing host memory at the
+            # bound addresses: binding, shapes and dtypes are exercised, not a GPU
+            for name, array in self._compute().items():
+                ctypes.memmove(self._addresses[name], np.ascontiguousarray(array).ctypes.data, array.nbytes)
             object.__setattr__(self, "_runs", self._runs + 1)
             return True
+
+        def _compute(self):
+            import onnxruntime
+
+            path = self._engine._plan["onnx"]
+            if self._session is None or self._session[0] != path:  # a refit points the plan at new weights
+                object.__setattr__(self, "_session", (path, onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])))
+            session = self._session[1]
+            feeds = {}
+            for spec in session.get_inputs():
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_ONNX_TYPES[spec.type]))
+                shape = self._shapes[spec.name]
+                count = int(np.prod(shape)) * dtype.itemsize
+                raw = (ctypes.c_byte * count).from_address(self._addresses[spec.name])
+                feeds[spec.name] = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+            names = [o.name for o in session.get_outputs()]
+            return dict(zip(names, session.run(names, feeds)))
 
     @api.implements("ICudaEngine")
     class ICudaEngine:
@@ -584,7 +620,11 @@ def standin(version: str = "10.13.0.35"):
             return mode.INPUT if name in self._plan["inputs"] else mode.OUTPUT
 
         def get_tensor_dtype(self, name):
-            return DataType.FLOAT
+            model = onnx.load(self._plan["onnx"], load_external_data=False)
+            elem = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}[name]
+            return {onnx.TensorProto.FLOAT: DataType.FLOAT, onnx.TensorProto.FLOAT16: DataType.HALF,
+                    onnx.TensorProto.INT64: DataType.INT64, onnx.TensorProto.INT32: DataType.INT32,
+                    onnx.TensorProto.BOOL: DataType.BOOL}[elem]
 
         def create_execution_context(self, strategy=...):
             return IExecutionContext._create(self)
@@ -605,6 +645,7 @@ def standin(version: str = "10.13.0.35"):
                 raise StubMismatch("Refitter of an engine built without REFIT")  # TensorRT logs an error too
             object.__setattr__(self, "_engine", engine)
             object.__setattr__(self, "_source", None)
+            object.__setattr__(self, "_path", None)
 
         def get_missing_weights(self):
             return []
@@ -614,6 +655,7 @@ def standin(version: str = "10.13.0.35"):
 
         def refit_cuda_engine(self):
             self._engine._plan["refitted_from"] = self._source
+            self._engine._plan["onnx"] = self._path
             return True
 
     @api.implements("OnnxParserRefitter")
@@ -630,6 +672,7 @@ def standin(version: str = "10.13.0.35"):
         def refit_from_file(self, model):
             loaded = onnx.load(model)
             object.__setattr__(self._refitter, "_source", sorted({t.data_type for t in loaded.graph.initializer}))
+            object.__setattr__(self._refitter, "_path", model)
             calls["refits"].append(model)
             return True
 
