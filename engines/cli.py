@@ -1,4 +1,4 @@
-"""`posterrt engines {build,clean,refit,show,optimize}`: arguments here; TensorRT is imported only by build/refit."""
+"""`posterrt engines {build,clean,refit,show,optimize,cache-interval}`: arguments here; TensorRT is imported only by build/refit."""
 from __future__ import annotations
 
 import json
@@ -62,9 +62,19 @@ def add_arguments(parser):
     optimize.add_argument("--models", default="bg_unet,render_unet", help="comma-separated (default bg_unet,render_unet)")
     optimize.add_argument("--out", type=Path, help="also write the build and gate reports there as optimize-VARIANT.json")
 
+    cache = sub.add_parser("cache-interval", help="make a UNet feature-cache interval the bundle's default, if cached "
+                                                  "output passes the gate against uncached output")
+    cache.add_argument("--bundle", required=True, type=Path)
+    cache.add_argument("--interval", required=True, type=int, help="full UNet step every N steps, 2..10")
+    cache.add_argument("--pipelines", default="background,render", help="comma-separated (default background,render)")
+    cache.add_argument("--cases", type=int, default=2, help="fixed requests per pipeline (default 2)")
+    cache.add_argument("--size", type=int, default=256, help="square image size of the requests (default 256)")
+    cache.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+
 
 def run(args) -> int:
-    return {"build": _build, "clean": _clean, "refit": _refit, "show": _show, "optimize": _optimize}[args.action](args)
+    return {"build": _build, "clean": _clean, "refit": _refit, "show": _show, "optimize": _optimize,
+            "cache-interval": _cache_interval}[args.action](args)
 
 
 def _build(args) -> int:
@@ -155,4 +165,18 @@ def _optimize(args) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"optimize-{args.variant}.json").write_text(json.dumps(entries, indent=2, sort_keys=True))
+    return 0
+
+
+def _cache_interval(args) -> int:
+    from posterrt.runtime.accuracy import summary_lines
+
+    from .cache_interval import report_path, set_default_interval
+
+    pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    report = set_default_interval(args.bundle, args.interval, pipelines, cases=args.cases, image_size=args.size,
+                                  steps=args.steps, progress=True)
+    print("\n".join(summary_lines(report)))
+    print(f"cache interval {args.interval} is now the default of {', '.join(report['pipelines'])} "
+          f"(report {report_path(args.bundle, args.interval)})")
     return 0

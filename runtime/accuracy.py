@@ -101,6 +101,12 @@ FP32_GATE = GateThresholds(box_error=1e-3, unmatched_fraction=0.0, metric_abs_de
 #: unmatched (a low-score box crossing the NMS or score threshold), metrics within 5% (or 0.02).
 REDUCED_PRECISION_GATE = GateThresholds(box_error=1e-2, unmatched_fraction=0.05, metric_abs_delta=0.02,
                                         metric_rel_delta=0.05, psnr_db=30.0, ssim=0.90)
+#: The UNet feature cache (cached against uncached requests, one backend): a shallow step is an
+#: approximate step like a reduced-precision one, judged by the same bounds; 30 dB is also the
+#: image target issue 18 sets for the default interval.
+FEATURE_CACHE_GATE = REDUCED_PRECISION_GATE
+#: The pipelines whose UNet loops the feature cache changes.
+FEATURE_CACHE_PIPELINES = ("background", "render")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +290,16 @@ def model_errors(manifest: Mapping, models) -> dict:
 # The report
 # ---------------------------------------------------------------------------------------------
 def accuracy_report(bundle: Bundle, candidate: Backend, reference: Backend, pipelines: Sequence[str] = ACCURACY_PIPELINES,
-                    cases: int = 3, image_size: int = 256, steps: int = 2, layout_steps: int = 2,
+                    cases: int = 3, image_size: int = 256, steps: int | None = 2, layout_steps: int = 2,
                     guidance: float = DEFAULT_GUIDANCE, candidate_name: str | None = None,
-                    reference_name: str | None = None, progress: bool = False) -> dict:
+                    reference_name: str | None = None, progress: bool = False,
+                    candidate_request: Mapping | None = None, reference_request: Mapping | None = None) -> dict:
     """Run ``pipelines`` on the fixed requests with both backends and compare (module doc).
 
-    Pipelines whose models the bundle lacks are listed under ``skipped`` with the reason. Small
-    defaults (256 px, 2 generator steps, 2 layout steps) keep the report within seconds on the tiny
-    preset; the figures compare backends, not the quality of the pictures."""
+    Pipelines whose models the bundle lacks are listed under ``skipped`` with the reason. Small defaults (256 px, 2 generator steps, 2 layout steps) keep the
+    report within seconds on the tiny preset; the figures compare backends, not the quality of the
+    pictures. ``steps`` None: each pipeline's default. ``candidate_request`` / ``reference_request``:
+    request fields one side sets (the feature cache's interval: the same backend on both sides)."""
     started = time.perf_counter()
     fixed = fixed_cases(cases, image_size, steps, layout_steps, guidance)
     runnable, skipped = {}, {}
@@ -306,7 +314,8 @@ def accuracy_report(bundle: Bundle, candidate: Backend, reference: Backend, pipe
         "format": REPORT_FORMAT, "version": 1, "preset": bundle.preset,
         "candidate": candidate_name or type(candidate).__name__, "reference": reference_name or type(reference).__name__,
         "settings": {"cases": cases, "image_size": image_size, "steps": steps, "layout_steps": layout_steps,
-                     "guidance": guidance, "match_iou": MATCH_IOU},
+                     "guidance": guidance, "match_iou": MATCH_IOU, "candidate_request": dict(candidate_request or {}),
+                     "reference_request": dict(reference_request or {})},
         "cases": [{"name": c.name, "seed": c.request.seed, "category": c.request.category, "texts": c.request.texts,
                    "style_image": c.request.style is not None} for c in fixed],
         "models": model_errors(bundle.manifest, dict.fromkeys(m for models in runnable.values() for m in models)),
@@ -316,12 +325,13 @@ def accuracy_report(bundle: Bundle, candidate: Backend, reference: Backend, pipe
     with bar:
         for name, models in runnable.items():
             results = {}
-            for side, backend in (("reference", reference), ("candidate", candidate)):
+            for side, backend, fields in (("reference", reference, reference_request),
+                                          ("candidate", candidate, candidate_request)):
                 pipeline = build_pipeline(name, backend, progress=False)
                 results[side] = []
                 for case in fixed:
                     bar.set_postfix_str(f"{name} {side}")
-                    results[side].append(pipeline(dataclasses.replace(case.request)))
+                    results[side].append(pipeline(dataclasses.replace(case.request, **(fields or {}))))
                     bar.update()
             report["pipelines"][name] = _pipeline_entry(bundle, models, fixed, results["reference"], results["candidate"])
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
@@ -471,6 +481,44 @@ def gate_variant(bundle: Bundle | str | Path, variant: str, thresholds: GateThre
         report = accuracy_report(bundle, candidate, reference, pipelines, candidate_name=f"onnxruntime {variant}",
                                  reference_name="onnxruntime fp32", **settings)
     report["variant"] = {"name": variant, "models": sorted(files)}
+    apply_gate(report, thresholds)
+    return report
+
+
+def gate_feature_cache(bundle: Bundle | str | Path, interval: int, pipelines: Sequence[str] = FEATURE_CACHE_PIPELINES,
+                       thresholds: GateThresholds = FEATURE_CACHE_GATE, backend: Backend | None = None,
+                       steps: int | None = None, **settings) -> dict:
+    """The accuracy report of the feature cache at ``interval``: each of ``pipelines`` (those the bundle
+    can run with its cached steps) on the fixed requests, cached against uncached on one backend (ONNX
+    Runtime on the bundle unless given), with the verdict of ``thresholds`` in ``report["gate"]``.
+    ``steps`` None: the pipelines' default steps (the cache's effect depends on the schedule's length).
+    Torch-free."""
+    from .backends.onnxruntime import OrtBackend
+    from .families import FAMILIES, cached_steps, unet_families
+    from .pipelines.request import CACHE_INTERVAL_RANGE
+
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if not (isinstance(interval, int) and CACHE_INTERVAL_RANGE[0] < interval <= CACHE_INTERVAL_RANGE[1]):
+        raise InputError(f"--interval: got {interval!r}, expected an integer in 2..{CACHE_INTERVAL_RANGE[1]} "
+                         f"(1 is the uncached reference)")
+    unknown = [p for p in pipelines if p not in FEATURE_CACHE_PIPELINES]
+    if unknown:
+        raise InputError(f"--pipelines: {unknown} run no UNet; expected names from {', '.join(FEATURE_CACHE_PIPELINES)}")
+    lacking = {family.stage: [m for m in family.cached_steps if m not in bundle.models]
+               for family in FAMILIES.values() if family.stage in pipelines}
+    runnable = [p for p in pipelines if not lacking[p]]
+    owned = backend is None
+    backend = backend or OrtBackend(bundle)
+    try:
+        report = accuracy_report(bundle, backend, backend, runnable, steps=steps, candidate_name=f"cache interval {interval}",
+                                 reference_name="uncached", candidate_request={"cache_interval": interval},
+                                 reference_request={"cache_interval": 1}, **settings)
+    finally:
+        if owned:
+            backend.close()
+    report["skipped"].update({p: f"the cached steps {lacking[p]} are not in the bundle" for p in pipelines if lacking[p]})
+    report["feature_cache"] = {"interval": interval, "unets": {unet: list(cached_steps(unet)) for unet, family
+                                                               in unet_families().items() if family.stage in pipelines}}
     apply_gate(report, thresholds)
     return report
 

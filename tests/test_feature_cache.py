@@ -1,6 +1,11 @@
 """The cached-step graphs of each UNet (DeepCache): contracts, the PyTorch modules, the exported
-pair sharing one weights file, and parity against PyTorch on fresh random inputs."""
+pair sharing one weights file, parity against PyTorch on fresh random inputs; and the gate that makes
+an interval a bundle's default (engines/cache_interval.py). The sampler's alternation and its
+backend agreement are tested with the pipelines (tests/test_pipelines.py)."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,9 +16,10 @@ from posterrt.export.bundle_writer import Sources
 from posterrt.export.networks.feature_cache import check_cacheable
 from posterrt.export.registry import MODEL_FAMILY, WEIGHTS_FROM, family_module, with_weight_sharers
 from posterrt.runtime import profiles
-from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.accuracy import FEATURE_CACHE_GATE
+from posterrt.runtime.bundle import MANIFEST, Bundle
 from posterrt.runtime.contracts import get_contract
-from posterrt.runtime.errors import CheckpointError
+from posterrt.runtime.errors import CheckpointError, InputError, ParityError
 from posterrt.runtime.families import unet_families
 from posterrt.runtime.samples import default_sizes
 
@@ -125,3 +131,72 @@ def test_exported_shallow_on_exported_deep_feature_matches_pytorch(tiny_bundle, 
         feature = backend.run(deep, inputs)["deep_feature"]
         got = backend.run(shallow, {**inputs, "deep_feature": feature})["noise_pred"]
     assert float(np.abs(got - want).max()) <= FP32_RTOL * float(np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate: a default interval only if cached output passes against uncached output
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+def test_a_passing_interval_becomes_the_default_the_pipelines_use(bundle_copy):
+    from posterrt.engines.cache_interval import report_path, set_default_interval
+    from posterrt.runtime.backends.base import Backend
+    from posterrt.runtime.backends.onnxruntime import OrtBackend
+    from posterrt.runtime.pipelines import build_pipeline
+    from posterrt.runtime.pipelines.request import PosterRequest
+
+    report = set_default_interval(bundle_copy, 2, ["background"], cases=1)
+    assert report["gate"]["passed"] and report_path(bundle_copy, 2).is_file()
+    entry = report["pipelines"]["background"]
+    assert entry["image"]["min_psnr_db"] >= FEATURE_CACHE_GATE.psnr_db  # cached output, not identical output
+    bundle = Bundle(bundle_copy)
+    assert bundle.config["stable_diffusion"]["cache_interval"] == 2
+    assert "cache_interval" not in bundle.config["rendernet"]  # not gated: no default
+    calls = []
+
+    class Recording(Backend):
+        def __init__(self, inner):
+            super().__init__(inner.bundle)
+            self.inner = inner
+
+        def run(self, model, inputs):  # steps of a bound model come through here too (Backend.bind)
+            calls.append(model)
+            return self.inner.run(model, inputs)
+
+        def _run(self, contract, inputs):
+            raise AssertionError("run() is overridden")
+
+    product = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1
+    with OrtBackend(bundle, intra_op_threads=2) as inner:
+        build_pipeline("background", Recording(inner), progress=False)(
+            PosterRequest(product=product, product_mask=mask, size=(256, 256), steps=3))
+    assert [c for c in calls if c.startswith("bg_unet")] == ["bg_unet_deep", "bg_unet_shallow", "bg_unet_deep"]
+
+
+def test_the_gate_refuses_a_failing_interval_and_records_nothing(bundle_copy):
+    """Interval 5 over 20 steps moves the tiny background's image by ~33 dB: under the fp32 bounds (40 dB)
+    that fails, and the refusal names the pipeline and the figure."""
+    from posterrt.engines.cache_interval import report_path, set_default_interval
+    from posterrt.runtime.accuracy import FP32_GATE
+
+    before = (bundle_copy / MANIFEST).read_text()
+    with pytest.raises(ParityError, match=r"cache interval 5: accuracy gate failed: background: PSNR \d+\.\d dB < 40 dB"):
+        set_default_interval(bundle_copy, 5, ["background"], cases=1, steps=20, thresholds=FP32_GATE)
+    assert (bundle_copy / MANIFEST).read_text() == before
+    assert json.loads(report_path(bundle_copy, 5).read_text())["gate"]["passed"] is False
+
+
+def test_the_gate_names_bad_arguments(tiny_bundle):
+    from posterrt.runtime.accuracy import gate_feature_cache
+
+    with pytest.raises(InputError, match="--interval: got 1"):
+        gate_feature_cache(tiny_bundle, 1)
+    with pytest.raises(InputError, match="--pipelines"):
+        gate_feature_cache(tiny_bundle, 2, ["layout"])
