@@ -169,10 +169,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pipeline_difference(got, want, size: int) -> str | None:
-    """None when two pipeline results agree; otherwise what differs."""
-    if [e.cls for e in got.elements] != [e.cls for e in want.elements]:
-        return f"classes {[e.cls for e in got.elements]} != {[e.cls for e in want.elements]}"
-    for a, b in zip(got.elements, want.elements):
+    """None when two pipeline results agree; otherwise what differs. The layout model's boxes are
+    compared (``proposed``): refinement is exact code over them."""
+    if [e.cls for e in got.proposed] != [e.cls for e in want.proposed]:
+        return f"classes {[e.cls for e in got.proposed]} != {[e.cls for e in want.proposed]}"
+    for a, b in zip(got.proposed, want.proposed):
         if np.abs(np.subtract(a.box, b.box)).max() > 1e-5 * size or abs(a.score - b.score) > 1e-5:
             return f"box {a.box} != {b.box}"
     quality = psnr(got.image, want.image)

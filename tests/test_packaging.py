@@ -128,3 +128,15 @@ def test_what_the_demo_writes_is_ignored_by_git():
     for path in ("demo/poster.png", "posterrt-demo/poster.json"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0, path
     assert subprocess.run(["git", "check-ignore", "-q", "docs/demo-poster.png"], cwd=root).returncode == 1
+
+
+def test_the_readme_examples_name_files_that_ship():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    products = re.findall(r"--product\s+(\S+)", readme)
+    assert products and all((root / product).is_file() for product in products), products
+    commands = re.findall(r"posterrt generate (?:[^\n]*\\\n)*[^\n]*", readme)  # with \-continued lines
+    complete = [c for c in commands if not c.rstrip().endswith("...")]  # "..." marks an abridged example
+    assert complete and all("--out" in command for command in complete), [c for c in complete if "--out" not in c]
