@@ -64,7 +64,8 @@ def add_arguments(parser):
 
     cache = sub.add_parser("cache-interval", help="make a UNet feature-cache interval the bundle's default, if cached "
                                                   "output passes the gate against uncached output")
-    cache.add_argument("--bundle", required=True, type=Path)
+    cache.add_argument("--bundle", required=True, type=Path,
+                       help="bundle folder written by `posterrt export`; the passing interval is recorded in it")
     cache.add_argument("--interval", required=True, type=int, help="full UNet step every N steps, 2..10")
     cache.add_argument("--pipelines", default="background,render", help="comma-separated (default background,render)")
     cache.add_argument("--cases", type=int, default=2, help="fixed requests per pipeline (default 2)")
