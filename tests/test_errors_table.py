@@ -391,6 +391,7 @@ API_FIELDS = {
     "api-size-type": lambda: {"size": "512x512"},
     "api-guidance-type": lambda: {"guidance": "7.5"},
     "api-seed-type": lambda: {"seed": 1.5},
+    "api-refine-type": lambda: {"refine": "no"},  # a truthy string would silently mean refine=True
 }
 for _row_id, _fields in API_FIELDS.items():
     case(_row_id)(lambda ctx, _fields=_fields: request_outcome(**_fields()))
