@@ -238,7 +238,7 @@ def build_engines(bundle_dir, out_dir, models: list[str] | None, options: BuildO
             build_options=options.record(model), build_seconds=time.perf_counter() - started,
             plan_sha256=plan_digest(plan))
         entry["onnx_prepare"] = {k: report[k] for k in ("tool", "skipped_optimizations", "nodes_before",
-                                                          "nodes_after", "fp32_nodes")}
+                                                          "nodes_after", "fp32_nodes", "roi_aligns_rewritten")}
         entry["plugins"] = operators["plugins"]  # whoever loads the plan must register these
         manifest = update_entry(out, model, entry)
     return manifest

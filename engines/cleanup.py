@@ -27,6 +27,7 @@ from posterrt.runtime.errors import BundleError, ParityError
 from posterrt.runtime.samples import default_sizes, sample_inputs
 
 from .precision import check_precision, convert_precision, fp32_node_names
+from .roi_align import decompose_roi_align
 
 TOOLS = ("auto", "onnxslim", "onnxruntime")
 SKIPPED_OPTIMIZATIONS = ("weight_tying",)
@@ -112,6 +113,7 @@ def prepare_onnx(source: str | os.PathLike, target: str | os.PathLike, *, model_
     nodes_before = len(original.graph.node)
     cleaned, used_tool = clean_model(original, tool, refittable)
     del original
+    roi_aligns = decompose_roi_align(cleaned)  # TensorRT would need its ROIAlign_TRT plugin otherwise
     fp32_nodes = fp32_node_names(cleaned, model_name) if precision != "fp32" else []
     converted = convert_precision(cleaned, precision, model_name)
     data_files = save_onnx(converted, target)
@@ -119,7 +121,8 @@ def prepare_onnx(source: str | os.PathLike, target: str | os.PathLike, *, model_
             "skipped_optimizations": list(SKIPPED_WHEN_REFITTABLE if refittable else SKIPPED_OPTIMIZATIONS),
             "refittable": refittable, "precision": precision,
             "nodes_before": nodes_before, "nodes_after": len(converted.graph.node),
-            "fp32_nodes": len(fp32_nodes), "seconds": round(time.perf_counter() - started, 2)}
+            "fp32_nodes": len(fp32_nodes), "roi_aligns_rewritten": roi_aligns,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ Finding levels, worst first:
 * ``plugin``: the parser imports the operator through one of TensorRT's own plugins
   (``libnvinfer_plugin``, shipped with TensorRT), not a native layer: the build must load that
   library (``engines build`` does) and so must whatever deserializes the plan.
+* ``rewrite``: ``prepare_onnx`` (what ``engines build``, ``refit`` and the gpu-onnx flavor feed on)
+  replaces it with plain operators first (RoiAlign: ``engines/roi_align.py``), so no plugin is needed.
 * ``warning``: accepted, with a caveat worth knowing (data-dependent output shapes, DOUBLE cast down).
 * ``unchecked``: a restriction of the table this module does not verify automatically.
 
@@ -27,11 +29,12 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
+from .roi_align import rewritable
 from .tensorrt_onnx_table import (IO_ONLY_TYPES, IO_TYPES, NOT_SUPPORTED, OPSET_RANGE, RESTRICTIONS, SUPPORTED,
                                   TABLE_SOURCE, TABLE_TENSORRT)
 
 REPORT_FILE = "tensorrt_ops.json"
-LEVELS = ("rejected", "plugin", "warning", "unchecked")
+LEVELS = ("rejected", "plugin", "rewrite", "warning", "unchecked")
 
 #: onnx-tensorrt imports these through a TensorRT plugin (onnxOpImporters.cpp, 10.1 GA: RoiAlign ->
 #: ``ROIAlign_TRT`` version 2, looked up in the plugin registry; "plugin was not found" otherwise).
@@ -191,7 +194,10 @@ def _node_findings(node, facts: GraphFacts) -> list[tuple[str, str]]:
     if failures is None and op in RESTRICTIONS:
         findings.append(("unchecked", f"restriction not checked here: {RESTRICTIONS[op]}"))
     findings += [("rejected", f"{failure}: {RESTRICTIONS[op]}") for failure in failures or ()]
-    if op in PLUGIN_OPS:
+    if op in PLUGIN_OPS and rewritable(node):
+        findings.append(("rewrite", f"the parser would import it as TensorRT's {PLUGIN_OPS[op]} plugin; prepare_onnx "
+                                    f"rewrites it into plain operators first (engines/roi_align.py)"))
+    elif op in PLUGIN_OPS:
         findings.append(("plugin", f"imported as TensorRT's {PLUGIN_OPS[op]} plugin (libnvinfer_plugin), not a native layer"))
     if op in DATA_DEPENDENT_OPS:
         findings.append(("warning", "output shape depends on the values (needs an output allocator at a graph output)"))
@@ -235,7 +241,8 @@ def check_model(model: onnx.ModelProto, name: str = "") -> dict:
     verdict = "rejected" if "rejected" in levels else "plugin" if "plugin" in levels else "clean"
     return {"model": name, "table": TABLE_SOURCE, "opset": opset, "nodes": len(graph.node),
             "operators": dict(sorted(Counter(n.op_type for n in graph.node).items())),
-            "plugins": sorted({PLUGIN_OPS[n.op_type] for n in graph.node if n.op_type in PLUGIN_OPS}),
+            "plugins": sorted({PLUGIN_OPS[n.op_type] for n in graph.node if n.op_type in PLUGIN_OPS and not rewritable(n)}),
+            "rewritten": sorted({n.op_type for n in graph.node if n.op_type in PLUGIN_OPS and rewritable(n)}),
             "verdict": verdict, "findings": findings}
 
 
@@ -257,6 +264,8 @@ def summary_line(reports: dict) -> str:
         by_verdict.setdefault(report["verdict"], []).append(model)
     parts = [f"{len(by_verdict.get('clean', []))} of {len(reports)} models clean"]
     parts += [f"{model} needs {', '.join(reports[model]['plugins'])}" for model in by_verdict.get("plugin", [])]
+    parts += [f"{model}'s {', '.join(report['rewritten'])} rewritten plugin-free by prepare_onnx"
+              for model, report in reports.items() if report.get("rewritten")]
     parts += [f"{model} REJECTED ({blocking(reports[model])[0]})" for model in by_verdict.get("rejected", [])]
     return f"TensorRT {TABLE_TENSORRT} ONNX parser table: " + "; ".join(parts)
 

@@ -47,10 +47,13 @@ _ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Exp", "Log", "Cli
                     "Reciprocal", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Concat", "Slice", "Gather",
                     "Transpose", "Flatten", "Tile", "Where", "Identity", "Floor", "Ceil", "Round"}
 
-#: Extra node-name patterns kept fp32 per served model (names are torch.onnx's module paths).
+#: Extra node-name patterns kept fp32 per served model (names are torch.onnx's module paths), and
+#: for every model: the plugin-free RoiAlign (engines/roi_align.py), whose pixel coordinates reach
+#: 1024, where fp16 resolves half a pixel.
 FP32_NAME_PATTERNS = {
     "vae_decoder": (r"mid_block/attentions",),
 }
+FP32_NAME_PATTERNS_EVERY_MODEL = (r"^roi_align_plugin_free/",)
 
 #: Constants are clamped to +-1e4 in fp16: masks of -1e4 survive, while a larger constant (-1e9
 #: "minus infinity" masks) would become -inf and turn a fully masked softmax row into NaN.
@@ -75,7 +78,7 @@ def fp32_node_names(model: onnx.ModelProto, model_name: str = "") -> list[str]:
     _name_nodes(model)
     producer = {output: node for node in model.graph.node for output in node.output}
     keep = {node.name for node in model.graph.node if node.op_type in FP32_OP_TYPES}
-    patterns = [re.compile(p) for p in FP32_NAME_PATTERNS.get(model_name, ())]
+    patterns = [re.compile(p) for p in (*FP32_NAME_PATTERNS.get(model_name, ()), *FP32_NAME_PATTERNS_EVERY_MODEL)]
     keep |= {node.name for node in model.graph.node if any(p.search(node.name) for p in patterns)}
     pending = [node for node in model.graph.node if node.op_type in ("Sin", "Cos")]
     while pending:

@@ -60,7 +60,7 @@ def test_export_writes_the_tensorrt_operator_report(exported, capsys):
     assert sorted(report["models"]) == sorted(RADM_MODELS.split(","))
     _print_tensorrt_ops(out)
     assert capsys.readouterr().out.splitlines() == [
-        "TensorRT 10.15 ONNX parser table: 2 of 3 models clean; radm_head needs ROIAlign_TRT",
+        "TensorRT 10.15 ONNX parser table: 3 of 3 models clean; radm_head's RoiAlign rewritten plugin-free by prepare_onnx",
         f"TensorRT operator report: {out / REPORT_FILE}"]
 
 

@@ -21,19 +21,21 @@ from posterrt.runtime.contracts import MODEL_NAMES
 FLOAT, INT32, INT64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 
 
-def test_every_tiny_model_is_clean_or_routed(tiny_bundle):
-    """Every served model, as `posterrt export` wrote them: clean, except radm_head, whose
-    RoiAlign the parser imports as TensorRT's own ROIAlign_TRT plugin (engines build loads it)."""
+def test_every_tiny_model_is_clean(tiny_bundle):
+    """Every served model, as `posterrt export` wrote them: clean. radm_head's RoiAlign, which the
+    parser would import as TensorRT's ROIAlign_TRT plugin, is listed as rewritten: prepare_onnx
+    (engines build, refit, gpu-onnx) replaces it with plain operators (tests/test_roi_align.py)."""
     report = json.loads((tiny_bundle / REPORT_FILE).read_text())
     models = report["models"]
     assert sorted(models) == sorted(MODEL_NAMES)
-    verdicts = {name: entry["verdict"] for name, entry in models.items()}
-    assert verdicts == {name: "plugin" if name == "radm_head" else "clean" for name in MODEL_NAMES}, \
+    assert {name: entry["verdict"] for name, entry in models.items()} == dict.fromkeys(MODEL_NAMES, "clean"), \
         {name: blocking(entry) for name, entry in models.items()}
-    assert models["radm_head"]["plugins"] == ["ROIAlign_TRT"] and models["radm_head"]["operators"]["RoiAlign"] > 0
-    assert not [f for entry in models.values() for f in entry["findings"] if f["level"] in ("rejected", "unchecked")]
-    assert report["summary"].startswith(f"TensorRT 10.15 ONNX parser table: {len(MODEL_NAMES) - 1} of {len(MODEL_NAMES)} "
-                                        f"models clean; radm_head needs ROIAlign_TRT")
+    assert not [entry["plugins"] for entry in models.values() if entry["plugins"]]
+    assert {name for name, entry in models.items() if entry["rewritten"]} == {"radm_head"}
+    assert models["radm_head"]["rewritten"] == ["RoiAlign"] and models["radm_head"]["operators"]["RoiAlign"] > 0
+    assert {f["level"] for entry in models.values() for f in entry["findings"]} <= {"rewrite"}
+    assert report["summary"] == (f"TensorRT 10.15 ONNX parser table: {len(MODEL_NAMES)} of {len(MODEL_NAMES)} models "
+                                 f"clean; radm_head's RoiAlign rewritten plugin-free by prepare_onnx")
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17):
@@ -145,17 +147,24 @@ def test_radm_text_position_ids_are_robertas_own():
         assert torch.equal(encoder(ids, mask)[0], encoder.roberta(input_ids=ids, attention_mask=mask).pooler_output)
 
 
-def test_build_loads_trt_plugins_for_radm_head_and_refuses_a_rejected_graph(tiny_bundle, tmp_path, monkeypatch):
+def test_build_of_radm_head_needs_no_plugin_and_a_rejected_graph_is_refused(tiny_bundle, tmp_path, monkeypatch):
     from trt_standin import standin
 
-    from posterrt.engines.build import BuildOptions, build_engines, parser_check
+    from posterrt.engines.build import BuildOptions, build_engines, file_logger, load_plugins, parser_check
     from posterrt.engines.manifest import EngineError, GpuInfo
 
     trt = standin()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr("posterrt.engines.build.current_gpu", lambda: GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
+    trt.unsupported_ops = ("RoiAlign",)  # as a TensorRT without its plugin library registered would
     manifest = build_engines(tiny_bundle, tmp_path, ["radm_head"], BuildOptions(refittable=()), progress=False)
-    assert trt.calls["plugins"] == [""] and manifest["engines"]["radm_head"]["plugins"] == ["ROIAlign_TRT"]
+    entry = manifest["engines"]["radm_head"]
+    assert entry["plugins"] == [] and entry["onnx_prepare"]["roi_aligns_rewritten"] > 0 and trt.calls["plugins"] == []
+    # a graph that does need a TensorRT plugin gets the plugin library registered first
+    logger = file_logger(trt, tmp_path / "plugins.log")
+    load_plugins(trt, logger, ["ROIAlign_TRT"])
+    logger.close()
+    assert trt.calls["plugins"] == [""]
     rejected = tmp_path / "unique.onnx"
     onnx.save(CASES["unsupported op"][0], str(rejected))
     with pytest.raises(EngineError, match=re.escape("unique: TensorRT's ONNX parser would reject the prepared graph: "
