@@ -520,6 +520,20 @@ def test_build_and_refit_on_tensorrt_11(bundle, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bg_unet.plan").read_bytes())["refitted_from"]
 
 
+def test_fp32_build_without_a_tf32_flag(bundle, tmp_path, monkeypatch):
+    """build_plan clears TF32 only where BuilderFlag has it: the branch for a TensorRT without the flag."""
+    from posterrt.engines.build import BuildOptions, build_engines
+
+    trt = standin("11.4.0.106", removed={"BuilderFlag": ("TF32",)})
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr("posterrt.engines.build.current_gpu", lambda: H100)
+    with pytest.raises(AttributeError, match="BuilderFlag.TF32 was removed"):
+        trt.BuilderFlag.TF32
+    build_engines(bundle, tmp_path, ["vae_decoder"], BuildOptions(precision="fp32", refittable=()), progress=False)
+    (config,) = trt.calls["configs"]
+    assert not config.get_flag(trt.BuilderFlag.REFIT)
+
+
 @pytest.mark.parametrize("module, message", [
     (types.ModuleType("tensorrt"), "TensorRT is not installed, only its type stubs"),  # tensorrt-stubs alone
     (standin("8.6.1"), "TensorRT 8.6.1 is installed; posterrt builds with TensorRT 10.x or 11.x"),

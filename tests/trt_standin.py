@@ -177,9 +177,10 @@ def _parameters(signature: inspect.Signature) -> list[str]:
 class API:
     """One TensorRT version's API: the stubs, less what that version removed."""
 
-    def __init__(self, version: str):
+    def __init__(self, version: str, removed: dict | None = None):
         self.version = version
-        self.removed = TENSORRT_11_REMOVED if int(version.split(".")[0]) >= 11 else {}
+        base = TENSORRT_11_REMOVED if int(version.split(".")[0]) >= 11 else {}
+        self.removed = {owner: (*base.get(owner, ()), *(removed or {}).get(owner, ())) for owner in {*base, *(removed or {})}}
         self.classes: dict[str, type] = {}  # stub name -> stand-in class
 
     def lacks(self, owner: str, name: str) -> bool:
@@ -209,7 +210,8 @@ class API:
     def missing(self, owner: str, name: str, stub: StubClass | None) -> str:
         where = self.describe(owner, name)
         if self.lacks(owner, name):
-            return f"{where} was removed in TensorRT {self.version} (NVIDIA's 10.x -> 11.x migration guide)"
+            source = " (NVIDIA's 10.x -> 11.x migration guide)" if name in TENSORRT_11_REMOVED.get(owner, ()) else ""
+            return f"{where} was removed in TensorRT {self.version}{source}"
         if stub is not None and stub.has(name):
             return f"{where} is in TensorRT's API but the stand-in does not implement it (tests/trt_standin.py)"
         return f"{where} is not in TensorRT {STUBS_VERSION}'s Python API (tensorrt-stubs)"
@@ -370,9 +372,10 @@ class StandInModule(types.ModuleType):
                              f"stand-in for TensorRT {api.version}")
 
 
-def standin(version: str = "10.13.0.35"):
-    """A fresh stand-in ``tensorrt`` module for ``version`` (10.x or 11.x); ``trt.calls`` records."""
-    api = API(version)
+def standin(version: str = "10.13.0.35", removed: dict | None = None):
+    """A fresh stand-in ``tensorrt`` module for ``version`` (10.x or 11.x); ``trt.calls`` records.
+    ``removed``: more members to take away ({class: names}), for branches a future TensorRT may take."""
+    api = API(version, removed)
     trt = StandInModule("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # importlib.util.find_spec asks (torch._dynamo)
     trt.__version__ = version
@@ -491,7 +494,8 @@ def standin(version: str = "10.13.0.35"):
     class IBuilderConfig:
         def __init__(self):
             # TensorRT's defaults: TF32 on where the GPU has it, no other flag
-            flags = {api.classes["BuilderFlag"].TF32}
+            flag = api.classes["BuilderFlag"]
+            flags = {flag.TF32} if "TF32" in flag.__members__ else set()
             for name, value in (("_flags", flags), ("_pools", {}), ("_profiles", []), ("_cache", None)):
                 object.__setattr__(self, name, value)
             object.__setattr__(self, "builder_optimization_level", 3)
