@@ -63,8 +63,14 @@ class _Builder:
 def _axis_weights(b: _Builder, start: str, length: str, size_f: str, size_i: str, out: int, ratio: int) -> str:
     """[R, out, size]: the averaged bilinear weights of one axis for every box."""
     bin_size = b.op("Div", [length, b.const("out", float(out))], "bin")
-    steps = b.const("steps", ((np.arange(out * ratio) + 0.5) / ratio)[None, :])  # [1, out*ratio], in bins
-    points = b.op("Add", [start, b.op("Mul", [bin_size, steps])], "points")  # [R, out*ratio]
+    # point k = bin * ratio + i of a box: start + bin * bin_size + (i + 0.5) * bin_size / ratio, with
+    # ONNX Runtime's order of float operations (coordinates reach 1e3: a reordering moves a point by
+    # 1e-5 pixel, which a deep head turns into 1e-5 of its logits)
+    k = np.arange(out * ratio)
+    whole = b.op("Mul", [b.const("bins", (k // ratio)[None, :].astype(np.float32)), bin_size], "whole_bins")
+    within = b.op("Div", [b.op("Mul", [b.const("within", (k % ratio + 0.5)[None, :].astype(np.float32)), bin_size]),
+                          b.const("ratio", float(ratio))], "within_bin")
+    points = b.op("Add", [b.op("Add", [start, whole]), within], "points")  # [R, out*ratio]
     valid = b.op("Cast", [b.op("And", [b.op("GreaterOrEqual", [points, b.const("minus_one", -1.0)]),
                                        b.op("LessOrEqual", [points, size_f])])], "valid", to=TensorProto.FLOAT)
     clamped = b.op("Max", [points, b.const("zero", 0.0)], "clamped")

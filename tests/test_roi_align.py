@@ -35,7 +35,7 @@ def test_the_rewrite_equals_onnx_runtimes_roi_align(mode):
     assert "RoiAlign" not in {n.op_type for n in rewritten.graph.node}
     assert check_model(rewritten)["verdict"] == "clean" and not check_model(rewritten)["findings"]
     rng = np.random.default_rng()
-    for batch, height, width in ((1, 16, 24), (3, 9, 13)):
+    for batch, height, width in ((1, 16, 24), (3, 9, 13), (2, 128, 96)):  # the last: coordinates up to 128 px
         x = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
         corner = rng.uniform(-20, 4 * max(height, width) + 20, (12, 2))  # some boxes leave the map
         rois = np.concatenate([corner, corner + rng.uniform(0, 40, (12, 2))], 1).astype(np.float32)
@@ -44,7 +44,8 @@ def test_the_rewrite_equals_onnx_runtimes_roi_align(mode):
         feeds = {"x": x, "rois": rois, "index": rng.integers(0, batch, 12).astype(np.int64)}
         expected = _session(reference).run(None, feeds)[0]
         actual = _session(rewritten).run(None, feeds)[0]
-        assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+        # ONNX Runtime's own order of float operations for the sample points: a few float32 ulps
+        assert np.abs(actual - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
 def test_only_what_posterrt_emits_is_rewritten():
