@@ -369,7 +369,7 @@ def fake_families(monkeypatch, source: Bundle, variant: str):
             return SimpleNamespace(name=name, static_dims=source.models[name].static_dims,
                                    config=source.config["plannet"])
 
-    def export_and_check(exportable, folder):
+    def export_and_check(exportable, folder, **sharing):  # weights_file / weights_from: PlanNet shares none
         model = onnx.load(str(source.model_path(exportable.name)))
         model.doc_string = variant
         onnx.save_model(model, str(folder / f"{exportable.name}.onnx"))
