@@ -58,6 +58,11 @@ class SoakConfig:
     size: int = 256  # pipeline canvas
     steps: int = 2  # pipeline generator / layout steps
     timeout_s: float = 60.0
+    #: pipelines: shares of the requests cancelled after their first progress event, and run with a
+    #: deadline (``deadline_s``) shorter than they take; each must end cancelled, late or correct
+    cancel_share: float = 0.0
+    deadline_share: float = 0.0
+    deadline_s: float = 0.05
 
 
 @dataclass
@@ -65,8 +70,17 @@ class Tally:
     latencies: list = field(default_factory=list)
     failed: int = 0
     wrong: int = 0
+    cancelled: int = 0  # cancel-share requests that stopped with RequestCancelled
+    late: int = 0  # deadline-share requests that stopped with DeadlineExceeded
     errors: list = field(default_factory=list)  # the first few messages
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stopped(self, kind: str) -> None:
+        with self.lock:
+            if kind == "cancel":
+                self.cancelled += 1
+            else:
+                self.late += 1
 
     def record(self, seconds: float | None, error: str | None = None, wrong: str | None = None) -> None:
         with self.lock:
@@ -228,15 +242,30 @@ def pipeline_workload(config: SoakConfig, bundle) -> tuple[list[str], list, Call
         expected = [pipeline(r) for r in requests]
 
     def make_call(backend):
+        from posterrt.runtime.progress import RunControl, controlled
+
         pipeline = build_pipeline(config.pipeline, backend, progress=False)
 
         def call(index: int) -> str | None:
-            slot = index % config.distinct
-            difference = pipeline_difference(pipeline(requests[slot]), expected[slot], config.size)
+            slot, kind = index % config.distinct, request_kind(index, config)
+            control = RunControl(timeout=config.deadline_s if kind == "deadline" else None)
+            if kind == "cancel":
+                control.progress = lambda event: control.cancel()  # stops at the end of the first step
+            with controlled(control):
+                result = pipeline(requests[slot])
+            difference = pipeline_difference(result, expected[slot], config.size)
             return None if difference is None else f"request {index}: {difference}"
         return call
 
     return pipeline_models(config, bundle), expected, make_call
+
+
+def request_kind(index: int, config: SoakConfig) -> str:
+    """"cancel", "deadline" or "plain", spread evenly over the indices in the configured shares."""
+    spread = (index * 0.6180339887498949) % 1.0  # golden-ratio sequence: even at any run length
+    if spread < config.cancel_share:
+        return "cancel"
+    return "deadline" if spread < config.cancel_share + config.deadline_share else "plain"
 
 
 def pipeline_models(config: SoakConfig, bundle) -> list[str]:
@@ -256,6 +285,8 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = print) -> dict:
 
     if (config.model is None) == (config.pipeline is None):
         raise InputError("soak: give --model or --pipeline (one of them)")
+    if (config.cancel_share or config.deadline_share) and config.pipeline is None:
+        raise InputError("soak: --cancel-share and --deadline-share need --pipeline (a model call has no steps to stop)")
     if config.requests < 1 or config.concurrency < 1 or config.distinct < 1:
         raise InputError(f"soak: --requests, --concurrency and --distinct must be >= 1, got {config.requests}, "
                          f"{config.concurrency}, {config.distinct}")
@@ -267,7 +298,7 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = print) -> dict:
     with ExitStack() as stack:
         url, server_pid = config.url, config.server_pid
         if url is None:
-            url, server_pid = start_local_server(stack, bundle, models, config.protocol, log)
+            url, server_pid = start_local_server(stack, bundle, models + stages_of(models), config.protocol, log)
         backend = stack.enter_context(TritonBackend(bundle, url, models=models, timeout_s=config.timeout_s))
         call = make_call(backend)
         # Warm-up at full concurrency (sessions, connections, per-thread clients, allocator pools),
@@ -287,6 +318,7 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = print) -> dict:
             "url": url, "models": models,
             "warmup_requests": warmup.requests,
             "submitted": submitted, "completed": len(tally.latencies), "failed": tally.failed, "wrong": tally.wrong,
+            "cancelled": tally.cancelled, "deadline_exceeded": tally.late,
             "errors": tally.errors, "seconds": round(seconds, 2),
             "requests_per_s": round(len(tally.latencies) / seconds, 1) if seconds else None,
             "latency_ms": latency_summary(tally.latencies),
@@ -302,10 +334,19 @@ def drive(call: Callable[[int], str | None], tally: Tally, config: SoakConfig) -
     """Keep ``concurrency`` requests in flight until ``requests`` were sent or ``max_seconds`` passed."""
     deadline = time.monotonic() + config.max_seconds
 
+    from posterrt.runtime.errors import DeadlineExceeded, RequestCancelled
+
     def one(index: int) -> None:
         begin = time.perf_counter()
+        kind = request_kind(index, config)
         try:
             wrong = call(index)
+        except (RequestCancelled, DeadlineExceeded) as error:
+            if (kind, type(error)) in (("cancel", RequestCancelled), ("deadline", DeadlineExceeded)):
+                tally.stopped(kind)
+            else:
+                tally.record(None, error=f"request {index} ({kind}): {type(error).__name__}: {error}")
+            return
         except Exception as error:  # counted, never raised: the soak reports every failure
             tally.record(None, error=f"request {index}: {type(error).__name__}: {error}")
             return
@@ -330,6 +371,13 @@ def latency_summary(latencies: list[float]) -> dict | None:
     values = np.asarray(latencies) * 1e3
     return {"p50": round(float(np.percentile(values, 50)), 2), "p90": round(float(np.percentile(values, 90)), 2),
             "p99": round(float(np.percentile(values, 99)), 2), "max": round(float(values.max()), 2)}
+
+
+def stages_of(models: list[str]) -> list[str]:
+    """The server stages that drive only ``models`` (served with them, as a whole repository would)."""
+    from posterrt.runtime.server_stages import SERVER_STAGES
+
+    return [name for name, stage in SERVER_STAGES.items() if set(stage.models) <= set(models)]
 
 
 def start_local_server(stack: ExitStack, bundle, models: list[str], protocol: str, log) -> tuple[str, int]:
@@ -357,7 +405,8 @@ def start_local_server(stack: ExitStack, bundle, models: list[str], protocol: st
 def summary_lines(report: dict) -> list[str]:
     rss = report["rss"]
     lines = [f"requests: {report['completed']}/{report['submitted']} completed, {report['failed']} failed, "
-             f"{report['wrong']} wrong, in {report['seconds']} s ({report['requests_per_s']} req/s)"]
+             f"{report['wrong']} wrong, {report['cancelled']} cancelled, {report['deadline_exceeded']} past their "
+             f"deadline, in {report['seconds']} s ({report['requests_per_s']} req/s)"]
     if report["latency_ms"]:
         lat = report["latency_ms"]
         lines.append(f"latency ms: p50 {lat['p50']} p90 {lat['p90']} p99 {lat['p99']} max {lat['max']}")
@@ -386,6 +435,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256, help="pipeline canvas size (default 256)")
     parser.add_argument("--steps", type=int, default=2, help="pipeline steps (default 2)")
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
+    parser.add_argument("--cancel-share", type=float, default=0.0,
+                        help="pipelines: share of requests cancelled after their first step (default 0)")
+    parser.add_argument("--deadline-share", type=float, default=0.0,
+                        help="pipelines: share of requests with a deadline shorter than they take (default 0)")
+    parser.add_argument("--deadline", type=float, default=0.05, help="that deadline, seconds (default 0.05)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     from posterrt.runtime.errors import PosterRTError
@@ -393,7 +447,8 @@ def main(argv=None) -> int:
     config = SoakConfig(bundle=args.bundle, requests=args.requests, concurrency=args.concurrency,
                         model=None if args.pipeline else (args.model or "plannet_denoiser"), pipeline=args.pipeline,
                         protocol=args.protocol, url=args.url, server_pid=args.server_pid, distinct=args.distinct,
-                        max_seconds=args.max_seconds, size=args.size, steps=args.steps, timeout_s=args.timeout)
+                        max_seconds=args.max_seconds, size=args.size, steps=args.steps, timeout_s=args.timeout,
+                        cancel_share=args.cancel_share, deadline_share=args.deadline_share, deadline_s=args.deadline)
     try:
         report = run_soak(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except PosterRTError as error:

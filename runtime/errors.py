@@ -36,3 +36,19 @@ class ParityError(PosterRTError):
 class StoreError(PosterRTError):
     """An object store cannot be reached, refuses the credentials, lacks the bucket or holds no
     complete repository; or a push to it stopped half-way."""
+
+
+class DeadlineExceeded(PosterRTError):
+    """A request's ``timeout`` passed before it finished; names the stage and the step it reached."""
+
+    def __init__(self, message: str, stage: str | None = None, step: int | None = None, total: int | None = None):
+        super().__init__(message)
+        self.stage, self.step, self.total = stage, step, total
+
+
+class RequestCancelled(PosterRTError):
+    """A request was cancelled (``PosterJob.cancel``, an asyncio task cancelled, Ctrl-C) before it finished."""
+
+    def __init__(self, message: str, stage: str | None = None, step: int | None = None, total: int | None = None):
+        super().__init__(message)
+        self.stage, self.step, self.total = stage, step, total

@@ -237,6 +237,7 @@ def cli(ctx: Context, *extra, product="product.png", out="poster.png") -> Outcom
 
 
 CLI_ARGUMENTS = {
+    "cli-timeout-not-positive": ["--timeout", "0"],
     "cli-steps-range": ["--steps", "0"],
     "cli-steps-not-a-number": ["--steps", "many"],
     "cli-layout-steps-range": ["--layout-steps", "201"],
@@ -1047,3 +1048,41 @@ def test_server_binds_loopback_and_refuses_model_control(server):
     serve.add_arguments(parser)
     defaults = parser.parse_args([])
     assert defaults.host == "127.0.0.1" and defaults.model_control == "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, cancellation and deadlines through the Python API (runtime/progress.py)
+# ---------------------------------------------------------------------------------------------
+def _layout_fields() -> dict:
+    return dict(product=np.full((64, 48, 3), 120, np.uint8), texts=["Sale"], size=(256, 256), layout_steps=2)
+
+
+@case("api-timeout-not-positive")
+def _(ctx):
+    from posterrt.runtime.client import PosterClient
+
+    with PosterClient(ctx.bundle_dir, intra_op_threads=1) as client:
+        return [outcome_of(lambda: client.generate(pipeline="layout", timeout=-1, **_layout_fields())),
+                outcome_of(lambda: client.submit(pipeline="layout", timeout=-1, **_layout_fields()))]
+
+
+@case("api-cancel-finished")
+def _(ctx):
+    from posterrt.runtime.client import PosterClient
+
+    with PosterClient(ctx.bundle_dir, intra_op_threads=1) as client:
+        job = client.submit(pipeline="layout", **_layout_fields())
+        result = job.result(timeout=120)
+        assert job.cancel() is False and client.cancel(job) is False and job.result() is result
+        return outcome_of(job.result)
+
+
+@case("api-progress-raises")
+def _(ctx):
+    from posterrt.runtime.client import PosterClient
+
+    def broken(event):
+        raise ValueError("display went away")
+
+    with PosterClient(ctx.bundle_dir, intra_op_threads=1) as client:
+        return outcome_of(lambda: client.generate(pipeline="layout", progress=broken, **_layout_fields()))

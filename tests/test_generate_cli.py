@@ -72,6 +72,8 @@ BAD_INPUTS = [
     (["--size", "2048x512"], "product.png", ["--size", "256..1024"]),
     (["--size", "128x128"], "product.png", ["--size", "256..1024"]),
     (["--scheduler", "plms"], "product.png", ["--scheduler", "ddim"]),
+    (["--timeout", "0"], "product.png", ["--timeout", "positive number of seconds"]),
+    (["--timeout", "soon"], "product.png", ["--timeout", "'soon'"]),
     (["--category", " "], "product.png", ["--category"]),
     (["--style", "{inputs}/notes.png"], "product.png", ["--style", "not an image"]),
     (["--logo", "{inputs}/missing_logo.png"], "product.png", ["--logo", "does not exist"]),
@@ -202,6 +204,25 @@ def test_no_refine_draws_the_proposals_as_they_are(bundle, inputs, tmp_path, cap
     assert {p["outcome"] for p in raw["proposed"]} <= {"kept", "not drawn"}
     for element in raw["elements"]:
         assert element["box"] == raw["proposed"][element["proposal"]]["box"]
+
+
+def test_one_progress_bar_per_stage_from_the_progress_events(bundle, inputs, tmp_path, capsys):
+    code = main(["generate", "--product", str(inputs / "product.png"), "--pipeline", "poster", "--bundle", str(bundle),
+                 "--out", str(tmp_path / "p.png"), "--size", "256x256", "--steps", "2", "--layout-steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "background: 100%" in err and "2/2" in err, "the UNet loop's bar, complete"
+    assert "layout: 100%" in err and "3/3" in err, "RADM's box steps, complete"
+    assert "radm_head" not in err and "0step" not in err, "no empty per-model bar"
+
+
+def test_a_timeout_stops_generate_with_one_line(bundle, inputs, tmp_path, capsys):
+    code = main(["generate", "--product", str(inputs / "product.png"), "--pipeline", "background", "--bundle",
+                 str(bundle), "--out", str(tmp_path / "p.png"), "--size", "256x256", "--steps", "200", "--quiet",
+                 "--timeout", "0.3"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "deadline of 0.3 s passed in stage 'background' at step" in err and "of 200" in err
 
 
 def test_unknown_variant_is_one_line_and_exit_2(bundle, inputs, tmp_path, capsys):

@@ -198,3 +198,24 @@ def test_a_client_with_other_radm_settings_lays_out_itself(served, bundle, monke
         assert triton.server_stage(ll.NAME) is not None
         monkeypatch.setitem(triton.bundle.config["radm"], "score_threshold", 0.5)
         assert triton.server_stage(ll.NAME) is None
+
+
+@pytest.mark.triton
+def test_the_streamed_stage_reports_each_step_in_order_and_lays_out_as_embedded(served, bundle, embedded):
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.pipelines.layout import LayoutPipeline
+    from posterrt.runtime.pipelines.request import PosterRequest
+    from posterrt.runtime.progress import RunControl, controlled
+
+    rng = np.random.default_rng(fresh_seed())
+    request = PosterRequest(product=rng.integers(0, 256, (96, 80, 3), dtype=np.uint8), texts=TEXTS, size=(256, 320),
+                            layout_steps=4, seed=fresh_seed())
+    events = []
+    with TritonBackend(bundle, served.grpc_url) as triton:
+        pipeline = LayoutPipeline(triton, progress=False)
+        assert pipeline.layout.server_layout.streaming, "gRPC: the streamed radm_layout"
+        with controlled(RunControl(events.append)):
+            elements = pipeline(request).elements
+    assert [(e.stage, e.step, e.total) for e in events] == [("layout", step, 4) for step in range(1, 5)]
+    expected = LayoutPipeline(embedded, progress=False)(request).elements
+    np.testing.assert_allclose([e.box for e in elements], [e.box for e in expected], rtol=1e-5, atol=1e-3)

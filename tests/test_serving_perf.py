@@ -182,7 +182,11 @@ def test_sampler_folder(bundle, sampler_repo):
 
 def test_which_repositories_get_the_sampler(bundle, tmp_path):
     whole = build_repository(bundle, tmp_path / "whole")
-    assert [m.name for m in whole.server_loops] == [sl.NAME] and (tmp_path / "whole" / sl.NAME).is_dir()
+    assert [m.name for m in whole.server_loops] == [sl.NAME, sl.NAME + "_stream"], "the stage and its streamed model"
+    assert (tmp_path / "whole" / sl.NAME).is_dir() and (tmp_path / "whole" / (sl.NAME + "_stream")).is_dir()
+    streamed = read_config(tmp_path / "whole" / (sl.NAME + "_stream"))
+    assert streamed.model_transaction_policy.decoupled and not read_config(tmp_path / "whole" / sl.NAME).model_transaction_policy.decoupled
+    assert [t.name for t in streamed.output] == [*sl.contract(bundle).output_names, "progress"]
     assert [m.name for m in whole.models] == list(bundle.models), "bundle models reported as before"
     subset = build_repository(bundle, tmp_path / "subset", models=["plannet_denoiser"])
     assert not subset.server_loops and not (tmp_path / "subset" / sl.NAME).exists()
@@ -297,3 +301,26 @@ def test_targets_are_checked_against_the_issues_limits():
                    (3, "radm_head: requests/s at concurrency 4 / concurrency 1"): True,
                    (4, "background bg_unet on embedded: step interval / call"): True}
     assert any("NOT met" in line for line in target_notes(check_targets(results)))
+
+
+@pytest.mark.triton
+def test_the_streamed_sampler_reports_each_level_in_order_and_plans_as_embedded(served, bundle, embedded):
+    """The server coalesces PlanNet's sub-millisecond levels into a few progress responses; the
+    client still reports one event per level, in order."""
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.pipelines.plan import PlanNetPlanner
+    from posterrt.runtime.pipelines.request import PosterRequest
+    from posterrt.runtime.progress import RunControl, controlled
+
+    rng = np.random.default_rng(fresh_seed())
+    request = PosterRequest(product=rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), texts=["New arrival"],
+                            size=(256, 384), layout_steps=60, seed=fresh_seed()).validate()
+    events = []
+    with TritonBackend(bundle, served.grpc_url) as triton:
+        planner = PlanNetPlanner(triton, progress=False)
+        assert planner.server_loop.streaming, "gRPC: the streamed plannet_sampler"
+        with controlled(RunControl(events.append)):
+            plan = planner(request)
+    assert [(e.stage, e.step, e.total) for e in events] == [("plan", step, 60) for step in range(1, 61)]
+    embedded_plan = PlanNetPlanner(embedded, progress=False)(request)
+    assert [(e.cls, e.box) for e in plan] == [(e.cls, e.box) for e in embedded_plan]

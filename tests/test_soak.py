@@ -78,6 +78,21 @@ def test_soak_command_runs_a_pipeline_and_writes_json(bundle_dir, tmp_path):
     assert "requests: 24/24 completed, 0 failed, 0 wrong" in result.stdout
 
 
+def test_cancelled_and_deadline_bound_requests_end_as_asked_and_the_others_stay_right(bundle_dir):
+    """A quarter of the requests cancelled after their first step, a quarter under a deadline shorter
+    than they take (the background pipeline's server stage over gRPC streaming): none lost, none
+    wrong, every one ends cancelled, past its deadline or with the in-process answer."""
+    config = soak.SoakConfig(bundle=bundle_dir, requests=40, concurrency=4, model=None, pipeline="background",
+                             distinct=3, steps=4, cancel_share=0.25, deadline_share=0.25, deadline_s=0.05,
+                             max_seconds=240)
+    report = soak.run_soak(config, log=lambda line: None)
+    summary = "\n".join(soak.summary_lines(report))
+    assert report["failed"] == 0 and report["wrong"] == 0 and not report["stopped_early"], summary
+    assert report["completed"] + report["cancelled"] + report["deadline_exceeded"] == 40, summary
+    assert report["cancelled"] >= 8 and report["deadline_exceeded"] >= 8, summary
+    assert report["server_answers"], summary
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("POSTERRT_SOAK_FULL"), reason="the full soak: set POSTERRT_SOAK_FULL=1")
 @pytest.mark.parametrize("workload", [{"model": "plannet_denoiser", "requests": 20000},

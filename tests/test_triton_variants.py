@@ -305,7 +305,8 @@ def test_unet_loop_runs_the_variant_its_unet_serves(bundle_dir, tmp_path):
     register(copy, "bg_unet", "openvino-fp32", lambda target: write_ir(copy / "bg_unet.onnx", target, "f32"))
     report = build_repository(Bundle(copy), tmp_path / "repo", models=["bg_unet", "bg_unet_sampler"],
                               variants={"bg_unet": "openvino-fp32"})
-    (loop,) = report.server_loops
+    loop, stream = report.server_loops
+    assert stream.name == "bg_unet_sampler_stream" and stream.variant["name"] == "openvino-fp32"
     assert loop.name == "bg_unet_sampler" and loop.variant["name"] == "openvino-fp32"
     version = loop.folder / "1"
     staged = Bundle(version / "bundle").model_path("bg_unet", variant="openvino-fp32")

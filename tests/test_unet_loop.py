@@ -75,8 +75,7 @@ def client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps
     """The pipelines' own loop in-process. Returns (latents, generator after)."""
     config = bundle.config[unet_families()[unet].config_key]["scheduler"]
     generator = np.random.default_rng([seed, 11])
-    result = denoise(embedded, unet, get_scheduler(scheduler_name, config), latents, steps, guidance, fixed, generator,
-                     progress=False)
+    result = denoise(embedded, unet, get_scheduler(scheduler_name, config), latents, steps, guidance, fixed, generator)
     return result, generator
 
 
@@ -147,7 +146,7 @@ def test_a_big_unet_is_called_through_bls(bundle, tmp_path, monkeypatch):
     """Above the size limit the loop holds no second copy of the weights: no model file, BLS calls."""
     monkeypatch.setattr(repository, "IN_PROCESS_LIMIT_BYTES", 0)
     report = build_repository(bundle, tmp_path / "repo", models=[ul.stage_name("bg_unet")])
-    (loop,) = report.server_loops
+    loop, _ = report.server_loops  # the stage and its streamed model
     assert read_config(loop.folder).parameters[ul.MODEL_CALL_PARAMETER].string_value == "bls"
     assert sorted(p.name for p in (loop.folder / "1").iterdir()) == sorted(["model.py", "bundle", SETTINGS_FILE])
     assert not list((loop.folder / "1" / "bundle").glob("*.onnx")), "no copy of the UNet"
@@ -250,3 +249,123 @@ def test_repo_build_flags_choose_the_loops_and_how_they_call_the_unet(bundle, tm
                      "--models", "bg_unet_loop"]) == 2
     error = capsys.readouterr().err
     assert "bg_unet_loop" in error and "bg_unet_sampler" in error, "the message lists the loops that exist"
+
+
+# --- progress, cancellation and deadlines through the streamed stage (bg_unet_sampler_stream) ---
+def background_request(seed: int, steps: int):
+    from posterrt.runtime.pipelines.request import PosterRequest
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((64, 48), np.float32)
+    mask[16:48, 12:36] = 1.0
+    return PosterRequest(product=rng.integers(0, 256, (64, 48, 3), dtype=np.uint8), product_mask=mask, size=(256, 256),
+                         steps=steps, seed=seed)
+
+
+@pytest.mark.triton
+def test_the_streamed_loop_reports_each_step_in_order_and_paints_as_unstreamed(served, bundle):
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.pipelines.background import BackgroundPipeline
+    from posterrt.runtime.progress import RunControl, controlled
+
+    request, events = background_request(fresh_seed(), 5), []
+    with TritonBackend(bundle, served.grpc_url) as grpc, TritonBackend(bundle, served.http_url) as http:
+        streamed = BackgroundPipeline(grpc, progress=False)
+        assert served.grpc_url in {s.url for s in streamed.server_loop.streaming}, "gRPC streams"
+        with controlled(RunControl(events.append)):
+            image = streamed(request).image
+        plain = BackgroundPipeline(http, progress=False)
+        assert not plain.server_loop.streaming, "Triton's HTTP endpoint refuses decoupled models: the plain stage"
+        unstreamed = plain(request).image
+    assert [(e.stage, e.step, e.total) for e in events] == [("background", step, 5) for step in range(1, 6)]
+    assert np.array_equal(image, unstreamed), "the streamed stage gives the plain stage's result"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_deadline_stops_the_server_loop_early(served, bundle, protocol):
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.errors import DeadlineExceeded
+    from posterrt.runtime.pipelines.background import BackgroundPipeline
+    from posterrt.runtime.progress import RunControl, controlled
+
+    url = served.grpc_url if protocol == "grpc" else served.http_url
+    with TritonBackend(bundle, url) as triton:
+        pipeline = BackgroundPipeline(triton, progress=False)
+        with controlled(RunControl(timeout=1.0)), pytest.raises(DeadlineExceeded) as caught:
+            pipeline(background_request(fresh_seed(), 50))
+    # the step is the server loop's own count, in its answer: it stopped long before its 50 steps
+    assert caught.value.stage == "background" and caught.value.total == 50 and 1 <= caught.value.step < 40
+    assert "deadline of" in str(caught.value)
+
+
+@pytest.mark.triton
+def test_a_cancelled_loop_frees_the_instance_within_a_step_and_leaves_nothing_behind(served, bundle):
+    """A 50-step loop cancelled after a few steps: the next request on the stage's single instance is
+    answered within about one step of the cancel; no shared-memory region stays registered; the
+    server's RSS stays flat over cancel cycles (10 here: CI time; the soak runs more)."""
+    import threading
+    import time
+
+    from posterrt.benchmarks.soak import rss_mb
+    from posterrt.runtime.backends.triton import TritonBackend
+    from posterrt.runtime.errors import RequestCancelled
+    from posterrt.runtime.progress import RunControl, controlled
+
+    fixed, latents = loop_case(bundle, "bg_unet", 7.5, fresh_seed())
+    config = bundle.config["stable_diffusion"]["scheduler"]
+
+    def run(stage, steps, control):
+        with controlled(control):
+            return stage(get_scheduler("ddim", config), latents, steps, 7.5, fixed, np.random.default_rng(1))
+
+    with TritonBackend(bundle, served.grpc_url, shared_memory=True, shm_threshold_bytes=1) as triton:
+        stage = triton.server_stage(ul.stage_name("bg_unet"))
+        started = time.monotonic()
+        run(stage, 1, RunControl())
+        one_step = time.monotonic() - started  # a whole one-step request: round trips, scheduler, one UNet call
+        before = None
+        for cycle in range(10):
+            stamps, third = [], threading.Event()
+
+            def report(event):
+                stamps.append(time.monotonic())
+                if event.step == 3:
+                    third.set()
+
+            control, outcome = RunControl(report), {}
+            worker = threading.Thread(target=lambda: outcome.setdefault("error", _raised(run, stage, 50, control)))
+            worker.start()
+            assert third.wait(30)
+            triton.run("vae_decoder", {"latent": latents})  # a per-model call through shared memory meanwhile
+            control.cancel()
+            cancelled = time.monotonic()
+            run(stage, 1, RunControl())  # waits for the stage's only instance
+            freed = time.monotonic() - cancelled
+            worker.join(30)
+            assert isinstance(outcome["error"], RequestCancelled) and outcome["error"].step <= 4
+            step = float(np.median(np.diff(stamps)))
+            assert freed <= one_step + 1.5 * step + 0.2, f"instance free {freed:.3f} s after the cancel (step {step:.3f} s)"
+            if cycle == 1:  # after the warm-up
+                before = rss_mb(served.process.pid, with_children=True)
+        after = rss_mb(served.process.pid, with_children=True)
+        assert after - before <= 16.0, f"server RSS grew {after - before:.1f} MB over 8 cancel cycles"
+        pool = {region.name for region in triton._shm.regions_on(served.grpc_url)}
+        assert pool and shm_regions(triton) == pool, "only the pool's regions: no request left one registered"
+    with TritonBackend(bundle, served.grpc_url) as probe:
+        assert not shm_regions(probe), "every region was unregistered when the backend closed"
+
+
+def shm_regions(triton) -> set[str]:
+    with triton.servers[0].connections.client() as client:
+        status = client.get_system_shared_memory_status(as_json=True)
+    return {region["name"] for region in status.get("regions", {}).values()} if isinstance(status.get("regions"), dict) \
+        else {region["name"] for region in status.get("regions", [])}
+
+
+def _raised(function, *args):
+    try:
+        function(*args)
+    except Exception as error:
+        return error
+    return None

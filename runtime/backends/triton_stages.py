@@ -4,27 +4,51 @@
 ``TritonBackend.server_stage(name)`` builds a ``StageClient`` when at least one server has the
 stage ready with this bundle's identity (the driven models' hashes and the stage's settings,
 recorded by ``posterrt repo build`` in the config); otherwise the pipeline loops itself.
+
+A call runs under the request's control (runtime/progress.py). Over gRPC, where the server has
+the stage's streamed model (``<stage>_stream``, decoupled), the request goes on a gRPC stream: its
+progress responses become the request's progress events, one per step; cancelling the request
+(``PosterJob.cancel``, Ctrl-C, a raising progress callback) cancels the stream, and Triton's
+``request.is_cancelled()`` stops the server's loop at its next step. Over HTTP (Triton's HTTP
+endpoint refuses decoupled models) the plain model answers, without progress events. Both send
+the request's remaining time as Triton's request ``timeout``; the stub stops its loop when it
+passes and answers with the deadline error, raised here as ``DeadlineExceeded``.
 """
 from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
 
 import numpy as np
 
 from ..contracts import ModelContract, validate_inputs
-from ..errors import BackendError
-from ..server_stages import SERVER_STAGES, ServerStage
+from ..errors import BackendError, DeadlineExceeded, RequestCancelled
+from ..progress import RunControl, current
+from ..server_stages import PROGRESS, SERVER_STAGES, ServerStage
 from ..triton.model_config import STAGE_SHA256_PARAMETER, WIRE_DTYPES, from_wire, to_wire
+
+#: How often a waiting stream call looks at the request's cancellation and deadline.
+POLL_S = 0.005
+#: Past the deadline the server answers with its own deadline error within a step; the client
+#: waits this much longer before cancelling the stream itself.
+DEADLINE_GRACE_S = 1.0
+_DEADLINE = re.compile(r"timeout: the request's deadline of .* in stage '(\w+)' at step (\d+) of (\d+)")
 
 
 class StageClient:
     """``stage`` on ``servers``: ``client(*args)`` takes the arguments of the pipeline code the stage
     replaces (``stage.encode``'s) and returns what that code returns. Servers are tried in order;
-    the first that answers wins."""
+    the first that answers wins. ``streaming``: the servers that serve the streamed model."""
 
-    def __init__(self, backend, stage: ServerStage, servers: list):
+    def __init__(self, backend, stage: ServerStage, servers: list, streaming: set):
         self.backend = backend
         self.stage = stage
         self.servers = servers
+        self.streaming = streaming
         self.contract = stage.contract(backend.bundle)
+        self._local = threading.local()  # per thread and server: a gRPC client for streams (one stream each)
 
     @property
     def name(self) -> str:
@@ -32,7 +56,122 @@ class StageClient:
 
     def __call__(self, *args, **kwargs):
         inputs, decode = self.stage.encode(self.contract, *args, **kwargs)
-        return decode(infer_first(self.backend, self.servers, self.contract, inputs))
+        validate_inputs(self.contract, inputs)
+        control = current()
+        control.check(self.stage.progress_stage)  # a request cancelled or late already does not start
+        failures = []
+        for server in self.servers:
+            try:
+                if server in self.streaming:
+                    return decode(self._stream(server, inputs, control))
+                return decode(self._infer(server, inputs, control))
+            except (DeadlineExceeded, RequestCancelled):
+                raise
+            except BackendError as error:
+                failures.append(f"{server.url}: {error}")
+            except Exception as error:  # unreachable, overloaded or refusing: the next server may answer
+                if not _is_server_error(error):
+                    raise  # the request's own progress callback raised: the request stops with it
+                failures.append(f"{server.url}: {_describe(error)}")
+        raise BackendError(f"model {self.contract.name!r}: no Triton server answered; {'; '.join(failures)}")
+
+    def _items(self, module, inputs: dict, binary: dict) -> list:
+        items = []
+        for spec in self.contract.inputs:
+            array = to_wire(spec, np.ascontiguousarray(inputs[spec.name]))
+            item = module.InferInput(spec.name, list(array.shape), WIRE_DTYPES[spec.dtype])
+            item.set_data_from_numpy(array, **binary)
+            items.append(item)
+        return items
+
+    def _outputs(self, result) -> dict:
+        return {spec.name: from_wire(spec, result.as_numpy(spec.name)) for spec in self.contract.outputs}
+
+    def _infer(self, server, inputs: dict, control: RunControl) -> dict:
+        """The plain model: one request, one answer, no progress."""
+        module = server.connections.module
+        binary = {"binary_data": True} if server.scheme == "http" else {}
+        requested = [module.InferRequestedOutput(spec.name, **binary) for spec in self.contract.outputs]
+        budget = self._budget(control)
+        with server.connections.client() as client:
+            timeout = {"client_timeout": budget} if server.scheme == "grpc" else {}
+            try:
+                result = client.infer(self.contract.name, self._items(module, inputs, binary), outputs=requested,
+                                      timeout=_timeout_us(control), **timeout)
+            except Exception as error:
+                raise self._server_error(error) from None
+        return self._outputs(result)
+
+    def _stream(self, server, inputs: dict, control: RunControl) -> dict:
+        """The streamed model: progress responses, then the answer; the stream is cancelled when the
+        request is (or when anything here raises)."""
+        client = self._stream_client(server)
+        responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        answered = False
+        stage, done, total = self.stage.progress_stage, 0, 0
+        give_up = time.monotonic() + self._budget(control)
+        try:
+            client.async_stream_infer(self.stage.stream_name, self._items(server.connections.module, inputs, {}),
+                                      timeout=_timeout_us(control))
+            while True:
+                try:
+                    result, error = responses.get(timeout=POLL_S)
+                except queue.Empty:
+                    if control.cancelled:
+                        raise RequestCancelled(f"cancelled: the request was cancelled in stage {stage!r} at step "
+                                               f"{done} of {total}", stage, done, total) from None
+                    if time.monotonic() > give_up:
+                        raise BackendError(f"model {self.stage.stream_name!r}: no answer from {server.url} within "
+                                           f"the request's time") from None
+                    continue
+                if error is not None:
+                    raise self._server_error(error)
+                progress = result.as_numpy(PROGRESS.name)
+                if progress is None:
+                    answered = True
+                    return self._outputs(result)
+                step, total = (int(v) for v in progress[0])
+                for index in range(done + 1, step + 1):  # the server coalesces fast steps: one event each here
+                    done = index
+                    control.step(stage, index, total)
+        finally:
+            self._close_stream(server, client, cancel=not answered)
+
+    def _stream_client(self, server):
+        clients = self._local.__dict__.setdefault("clients", {})
+        if server.url not in clients:
+            clients[server.url] = server.connections.module.InferenceServerClient(server.address)
+        return clients[server.url]
+
+    def _close_stream(self, server, client, cancel: bool) -> None:
+        try:
+            client.stop_stream(cancel_requests=cancel)
+        except Exception:  # a broken stream: drop the client, the next call makes a new one
+            self._local.clients.pop(server.url, None)
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def _budget(self, control: RunControl) -> float:
+        """Seconds this call may wait: the backend's timeout, or the request's deadline (plus the
+        grace the server's own deadline answer needs) when sooner."""
+        remaining = control.remaining()
+        return self.backend.timeout_s if remaining is None else min(self.backend.timeout_s, remaining + DEADLINE_GRACE_S)
+
+    def _server_error(self, error: Exception) -> Exception:
+        text = _describe(error)
+        found = _DEADLINE.search(text)
+        if found:
+            return DeadlineExceeded(text[found.start():], found.group(1), int(found.group(2)), int(found.group(3)))
+        return BackendError(f"model {self.contract.name!r}: {text}")
+
+
+def _timeout_us(control: RunControl) -> int | None:
+    """The request's remaining time as Triton's request timeout (microseconds; None: no deadline)."""
+    remaining = control.remaining()
+    return None if remaining is None else max(1, int(remaining * 1e6))
 
 
 def find_stage(backend, name: str) -> StageClient | None:
@@ -42,7 +181,9 @@ def find_stage(backend, name: str) -> StageClient | None:
         return None
     expected = {STAGE_SHA256_PARAMETER: stage.identity(backend.bundle)}
     servers = [server for server in backend.servers if serves_model(server, name, expected)]
-    return StageClient(backend, stage, servers) if servers else None
+    streaming = {server for server in servers
+                 if server.scheme == "grpc" and serves_model(server, stage.stream_name, expected)}
+    return StageClient(backend, stage, servers, streaming) if servers else None
 
 
 def serves_model(server, model: str, parameters: dict[str, str]) -> bool:
@@ -58,33 +199,11 @@ def serves_model(server, model: str, parameters: dict[str, str]) -> bool:
     return all(served.get(key, {}).get("string_value") == value for key, value in parameters.items())
 
 
-def infer_first(backend, servers: list, contract: ModelContract, inputs: dict) -> dict:
-    """One request to the served stage ``contract.name``, validated here first; servers are tried
-    in order and the first that answers wins."""
-    validate_inputs(contract, inputs)
-    failures = []
-    for server in servers:
-        try:
-            return _infer(backend, server, contract, inputs)
-        except Exception as error:  # unreachable, overloaded or refusing: the next server may answer
-            failures.append(f"{server.url}: {_describe(error)}")
-    raise BackendError(f"model {contract.name!r}: no Triton server answered; {'; '.join(failures)}")
+def _is_server_error(error: Exception) -> bool:
+    """An error of the server or the connection (the next server may answer), not of the caller's code."""
+    from tritonclient.utils import InferenceServerException
 
-
-def _infer(backend, server, contract: ModelContract, inputs: dict) -> dict:
-    module = server.connections.module
-    binary = {"binary_data": True} if server.scheme == "http" else {}
-    items = []
-    for spec in contract.inputs:
-        array = to_wire(spec, np.ascontiguousarray(inputs[spec.name]))
-        item = module.InferInput(spec.name, list(array.shape), WIRE_DTYPES[spec.dtype])
-        item.set_data_from_numpy(array, **binary)
-        items.append(item)
-    requested = [module.InferRequestedOutput(spec.name, **binary) for spec in contract.outputs]
-    with server.connections.client() as client:
-        timeout = {"client_timeout": backend.timeout_s} if server.scheme == "grpc" else {}
-        result = client.infer(contract.name, items, outputs=requested, **timeout)
-    return {spec.name: from_wire(spec, result.as_numpy(spec.name)) for spec in contract.outputs}
+    return isinstance(error, (InferenceServerException, OSError, ConnectionError, TimeoutError))
 
 
 def _describe(error: Exception) -> str:

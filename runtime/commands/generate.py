@@ -58,6 +58,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-refine", action="store_true",
                         help="draw the layout model's boxes as proposed, without refinement (texts may then overlap "
                              "each other or the product; for studying the model)")
+    parser.add_argument("--timeout", default=None, help="seconds the whole request may take (default: no limit); "
+                                                         "past it the request stops at its next step")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, type=Path,
                         help="poster PNG to write; the layout JSON goes beside it (a missing last folder is created)")
@@ -137,19 +139,48 @@ def write_outputs(result, out: Path) -> tuple[Path, Path]:
     return poster, layout
 
 
+class StageBars:
+    """One progress bar per stage (plan, layout, background, render), drawn from the request's
+    progress events: the same on the embedded backend and through a Triton server stage."""
+
+    def __init__(self):
+        self.bars: dict = {}
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(event.stage)
+        if bar is None:
+            bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=False)
+        bar.update(event.step - bar.n)
+
+    def __enter__(self) -> "StageBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def run(args) -> int:
     from ..bundle import Bundle
     from ..pipelines import build_pipeline
+    from ..progress import RunControl, controlled
 
     request = build_request(args)
+    timeout = None if args.timeout is None else parse_float(args.timeout, "--timeout")
+    if timeout is not None and timeout <= 0:
+        raise InputError(f"--timeout: got {args.timeout!r}, expected a positive number of seconds")
     threads = parse_int(args.threads, "--threads", 1, 256)
     if args.bundle is None and not default_bundle_dir().is_dir():
         raise InputError(f"--bundle: not given, and no bundle at the default {default_bundle_dir()}; run "
                          f"`posterrt demo` once to build the tiny one there, or pass --bundle DIR")
     bundle = Bundle(args.bundle or default_bundle_dir())
-    with make_backend(bundle, args.backend, threads, parse_variant_list(args.variants)) as backend:
+    with make_backend(bundle, args.backend, threads, parse_variant_list(args.variants)) as backend, StageBars() as bars:
         pipeline = build_pipeline(args.pipeline, backend, progress=not args.quiet)
-        result = pipeline(request)
+        # Ctrl-C stops the request where it is: a server stage's stream is cancelled on the way out
+        with controlled(RunControl(None if args.quiet else bars, timeout=timeout)):
+            result = pipeline(request)
     poster, layout = write_outputs(result, args.out)
     print(f"poster: {poster}")
     print(f"layout: {layout}")

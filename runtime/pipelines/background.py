@@ -58,8 +58,7 @@ class BackgroundPipeline:
         latents = initial_latents(masked_image_latents.shape, scheduler, rng)
         # -- denoise: the UNet is the only per-step call -----------------------------------------
         latents = denoise(self.backend, "bg_unet", scheduler, latents, steps, guidance, step_invariant, rng,
-                          progress=self.progress, server_loop=self.server_loop,
-                          interval=cache_interval(self.config, request.cache_interval))
+                          server_loop=self.server_loop, interval=cache_interval(self.config, request.cache_interval))
         # -- epilogue: decode, then put the exact product pixels back (the VAE blurs fine detail)
         generated = decode(self.backend, latents)
         alpha = product_mask[..., None]

@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import numpy as np
-from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..errors import BundleError
-from ..families import FAMILIES, cached_steps
+from ..families import FAMILIES, cached_steps, family_of
+from ..progress import current
 from ..schedulers import batch_for_guidance, combine_guidance
 from ..text import encode_prompt, load_tokenizer
 
@@ -117,8 +117,8 @@ class UNetSteps:
 
 
 def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps: int, guidance: float,
-            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, progress: bool = True,
-            server_loop=None, interval: int = 1) -> np.ndarray:
+            step_invariant: Mapping[str, np.ndarray], rng: np.random.Generator, server_loop=None,
+            interval: int = 1) -> np.ndarray:
     """The sampling loop: per step, only the noisy latents and the timestep change.
 
     ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
@@ -131,11 +131,13 @@ def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps:
         return server_loop(scheduler, latents, steps, guidance, step_invariant, rng)
     scheduler.set_timesteps(steps)
     unet = UNetSteps(backend, model, step_invariant, interval)
-    for index, t in enumerate(tqdm(scheduler.timesteps, desc=model, unit="step", leave=False, disable=not progress)):
+    control, stage, timesteps = current(), family_of(model).stage, scheduler.timesteps
+    for index, t in enumerate(timesteps):
         per_step = batch_for_guidance(guidance, shared={"sample": scheduler.scale_model_input(latents, t)})
         batch = per_step["sample"].shape[0]
         noise = unet(index, {**per_step, "timestep": np.full(batch, t, dtype=np.float32)})
         latents = scheduler.step(combine_guidance(noise, guidance), t, latents, generator=rng)
+        control.step(stage, index + 1, len(timesteps))  # progress; a cancelled or late request stops here
     return latents
 
 

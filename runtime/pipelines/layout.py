@@ -8,12 +8,12 @@ server that offers it (``radm_layout``), prologue, loop and epilogue run there i
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..compose import compose
 from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten
+from ..progress import current
 from ..schedulers.radm import Detections, RadmBoxSampler, RadmSamplerConfig
 from ..text import encode_lines, load_tokenizer
 from ..server_stages import radm_layout as radm_layout_stage
@@ -66,15 +66,18 @@ class RADMLayout:
         head = self.backend.bind("radm_head", step_invariant)  # checked once, not at every step
 
         # -- the loop: the head is the only per-step call ------------------------------------------
-        calls = tqdm(desc="radm_head", unit="step", leave=False, disable=not self.progress)
+        control, stage = current(), FAMILIES["radm"].stage
+        total = steps or self.sampler.config.sampling_steps
+        done = 0
 
         def denoise(boxes: np.ndarray, timestep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal done
             outputs = head({"boxes": boxes, "timestep": timestep})
-            calls.update()
+            done += 1
+            control.step(stage, done, total)
             return outputs["class_logits"], outputs["pred_boxes"]
 
-        with calls:
-            detections, = self.sampler.sample(denoise, [[height, width]], stage_rng(seed, "layout"), steps=steps)
+        detections, = self.sampler.sample(denoise, [[height, width]], stage_rng(seed, "layout"), steps=steps)
         return detections
 
     def text_features(self, ids: np.ndarray | None, attention: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,12 +9,12 @@ Epilogue: tokens -> boxes in pixels with class names.
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
 from ..backends.base import Backend
 from ..errors import InputError
 from ..families import FAMILIES
 from ..images import fit_to_canvas, flatten, resize_rgb
+from ..progress import current
 from ..schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from ..text import encode_lines, load_tokenizer
 from ..server_stages import plannet as plannet_stage
@@ -52,20 +52,19 @@ class PlanNetPlanner:
             fixed[0, 0, 0] = self.class_names.index("product")
 
         # -- the loop: the denoiser is the only per-step call --------------------------------------
-        calls = tqdm(desc="plannet_denoiser", unit="step", leave=False, disable=not self.progress)
         generator = stage_rng(request.seed, "plan")
-        with calls:
-            if self.server_loop is not None:  # every level in one request; the server draws from `generator`
-                tokens = self.server_loop(memory["memory"], memory["memory_mask"], fixed,
-                                                 request.layout_steps or levels, [generator])
-            else:
-                denoiser = self.backend.bind("plannet_denoiser", memory)  # the memory is checked once, not per step
+        if self.server_loop is not None:  # every level in one request; the server draws from `generator`
+            tokens = self.server_loop(memory["memory"], memory["memory_mask"], fixed, request.layout_steps or levels,
+                                      [generator])
+        else:
+            denoiser = self.backend.bind("plannet_denoiser", memory)  # the memory is checked once, not per step
+            control, stage = current(), FAMILIES["plannet"].stage
 
-                def denoise(tokens: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-                    calls.update()
-                    return denoiser({"tokens": tokens, "timestep": timestep})["logits"]
+            def denoise(tokens: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+                return denoiser({"tokens": tokens, "timestep": timestep})["logits"]
 
-                tokens = self.sampler.sample(denoise, 1, generator, steps=request.layout_steps, fixed_tokens=fixed)
+            tokens = self.sampler.sample(denoise, 1, generator, steps=request.layout_steps, fixed_tokens=fixed,
+                                         on_step=lambda step, steps: control.step(stage, step, steps))
         # -- epilogue: tokens -> boxes -----------------------------------------------------------
         layout, = self.sampler.decode(tokens, [[height, width]])
         # PlanNet gives no confidence: every planned element is kept, with score 1

@@ -73,8 +73,7 @@ class RenderPipeline:
         latents = initial_latents(latent_shape, scheduler, rng)
         # -- denoise: ControlNet trunk + UNet, one graph, per step -----------------------------
         latents = denoise(self.backend, "render_unet", scheduler, latents, steps, guidance, step_invariant, rng,
-                          progress=self.progress, server_loop=self.server_loop,
-                          interval=cache_interval(self.config, request.cache_interval))
+                          server_loop=self.server_loop, interval=cache_interval(self.config, request.cache_interval))
         # -- epilogue: decode, keep the exact product pixels -----------------------------------
         generated = decode(self.backend, latents)
         alpha = product_mask[..., None]

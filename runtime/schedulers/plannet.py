@@ -161,10 +161,11 @@ class PlanNetSampler:
     def sample(self, denoise: TokenDenoiser, batch_size: int,
                generator: np.random.Generator | Sequence[np.random.Generator],
                steps: int | None = None, temperature: float = 1.0,
-               fixed_tokens: np.ndarray | None = None) -> np.ndarray:
+               fixed_tokens: np.ndarray | None = None, on_step=None) -> np.ndarray:
         """Sampled tokens [B, E, 5] (int64, no mask left). ``steps`` defaults to T (one call per level
         that reveals a token: a level that reveals none would compute logits nobody reads).
-        ``generator``: one for the whole batch (rows draw from it in turn), or a sequence of one per row."""
+        ``generator``: one for the whole batch (rows draw from it in turn), or a sequence of one per row.
+        ``on_step(step, steps)``: called after each level, called or not (progress, cancellation)."""
         cfg = self.config
         steps = cfg.num_timesteps if steps is None else steps
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= cfg.num_timesteps:
@@ -187,15 +188,16 @@ class PlanNetSampler:
         drawn = []  # the scores of every draw, checked once after the loop (_check_draws)
         for step in range(steps):
             revealing = [row for row in range(batch_size) if schedules[row][step].size]
-            if not revealing:  # this level reveals no token: its logits would not be read, so no call
-                continue
-            logits = self._checked_logits(denoise(tokens.copy(), timesteps[step]))
-            for row in revealing:
-                revealed = schedules[row][step]
-                scores = self._draw_scores(logits[row].reshape(flat.shape[1], cfg.num_bins), revealed, temperature,
-                                           noise[row])
-                flat[row, revealed] = scores.argmax(axis=1)
-                drawn.append(scores)
+            if revealing:  # a level that reveals no token: its logits would not be read, so no call
+                logits = self._checked_logits(denoise(tokens.copy(), timesteps[step]))
+                for row in revealing:
+                    revealed = schedules[row][step]
+                    scores = self._draw_scores(logits[row].reshape(flat.shape[1], cfg.num_bins), revealed, temperature,
+                                               noise[row])
+                    flat[row, revealed] = scores.argmax(axis=1)
+                    drawn.append(scores)
+            if on_step is not None:
+                on_step(step + 1, steps)
         self._check_draws(drawn)
         assert not (tokens == cfg.mask_token).any(), "the last level (0) reveals every token"
         return tokens

@@ -30,7 +30,9 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from ..contracts import CONTRACT_VERSION, ModelContract
+from dataclasses import replace
+
+from ..contracts import CONTRACT_VERSION, ModelContract, TensorSpec
 from ..families import FAMILIES, unet_families
 from . import plannet, radm_layout, unet
 
@@ -38,6 +40,11 @@ from . import plannet, radm_layout, unet
 SETTINGS_FILE = "stage.json"
 #: the small bundle beside the stub: manifest, assets, links to the files it runs in-process
 BUNDLE_FOLDER = "bundle"
+#: each stage is also served as ``<name>_stream``: a decoupled model that streams progress (gRPC only:
+#: Triton's HTTP endpoint refuses decoupled models, so HTTP clients get the plain one, no progress)
+STREAM_SUFFIX = "_stream"
+#: the streamed model's progress responses carry only this output
+PROGRESS = TensorSpec("progress", "int64", ("batch", 2), "[steps done, steps] of the stage's loop (progress responses only)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,20 @@ class ServerStage:
     model_call: str | None = None
     batches_requests: bool = False
     onnx_only: bool = False
+
+    @property
+    def stream_name(self) -> str:
+        return self.name + STREAM_SUFFIX
+
+    def stream_contract(self, bundle) -> ModelContract:
+        """The streamed model's contract: the stage's, plus the progress output."""
+        contract = self.contract(bundle)
+        return replace(contract, name=self.stream_name, outputs=(*contract.outputs, PROGRESS))
+
+    @property
+    def progress_stage(self) -> str:
+        """The pipeline stage its progress events name (runtime/families.py)."""
+        return FAMILIES[self.family].stage
 
     @property
     def costly_model(self) -> str:
@@ -84,7 +105,3 @@ def _stages() -> dict[str, ServerStage]:
 
 #: every server stage by name, in the order a repository writes them
 SERVER_STAGES: dict[str, ServerStage] = _stages()
-
-
-def stage_contract(name: str, bundle) -> ModelContract:
-    return SERVER_STAGES[name].contract(bundle)

@@ -17,7 +17,9 @@ folder per spec of ``runtime/server_stages``, all alike): ``<stage>/1/`` holds t
 (``runtime/triton/stubs/<stub>.py``) as ``model.py``, ``stage.json`` (its settings and the variants
 it runs) and ``bundle/``: the manifest, the assets and hardlinks to the files of the models it runs
 in-process. The config records the stage's identity (``posterrt_stage_sha256``), which a client
-compares with its own bundle's before using the stage.
+compares with its own bundle's before using the stage. ``<stage>_stream/`` is the same stage as a
+decoupled model (``model_transaction_policy { decoupled: true }``) that streams progress to gRPC
+clients; HTTP clients use ``<stage>/``.
 
 The client side does not live here: a client is handed the bundle folder itself (manifest and
 tokenizers; the ONNX files are not needed to talk to Triton), see ``write_client_bundle``.
@@ -215,16 +217,18 @@ def _write_model(bundle: Bundle, name: str, folder: Path, options: ServingOption
     return ModelReport(name, folder, True)
 
 
-def _stage_options(options: ServingOptions, stage: ServerStage, costly: ModelContract) -> ServingOptions:
-    """Serving options for a server stage. A stage that batches requests is served as any model; for
-    the others one request is one whole loop (nothing to batch), and its cost is ``costly``'s calls,
-    so its threads and instances follow that model's unless given for the stage itself."""
+def _stage_options(options: ServingOptions, stage: ServerStage, name: str, costly: ModelContract) -> ServingOptions:
+    """Serving options for server stage model ``name`` (the stage or its streamed model). A stage that
+    batches requests is served as any model; for the others one request is one whole loop (nothing
+    to batch), and its cost is ``costly``'s calls, so its threads and instances follow that model's
+    unless given for the stage (or the streamed model) itself."""
     if stage.batches_requests:
         return options
-    threads = options.model_threads.get(stage.name, options.model_threads.get(costly.name, options.intra_op_threads))
-    instances = options.model_instances.get(stage.name, options.instance_count(costly))
-    return replace(options, dynamic_batching=False, model_threads={**options.model_threads, stage.name: threads},
-                   model_instances={**options.model_instances, stage.name: instances})
+    threads, instances = options.model_threads, options.model_instances
+    thread_count = threads.get(name, threads.get(stage.name, threads.get(costly.name, options.intra_op_threads)))
+    instance_count = instances.get(name, instances.get(stage.name, options.instance_count(costly)))
+    return replace(options, dynamic_batching=False, model_threads={**threads, name: thread_count},
+                   model_instances={**instances, name: instance_count})
 
 
 def _model_call(bundle: Bundle, stage: ServerStage, options: ServingOptions) -> str:
@@ -238,21 +242,25 @@ def _model_call(bundle: Bundle, stage: ServerStage, options: ServingOptions) -> 
 
 
 def _write_stage(bundle: Bundle, stage: ServerStage, folder: Path, options: ServingOptions,
-                 variants: Mapping[str, str]) -> ModelReport:
-    """``<stage>/``: its config, its stub as ``model.py``, ``stage.json`` (its settings and the
-    variants it runs) and a small bundle (manifest, assets, links to the files of the models it
-    runs in-process, or to the variants served for them)."""
-    contract = stage.contract(bundle)
+                 variants: Mapping[str, str], stream: bool = False) -> ModelReport:
+    """``<stage>/`` (``stream``: ``<stage>_stream/``, the decoupled model that streams progress): its
+    config, its stub as ``model.py``, ``stage.json`` (its settings and the variants it runs) and a
+    small bundle (manifest, assets, links to the files of the models it runs in-process, or to the
+    variants served for them)."""
+    contract = stage.stream_contract(bundle) if stream else stage.contract(bundle)
     served = {model: variants[model] for model in stage.models if model in variants}
     call = _model_call(bundle, stage, options)
     parameters = {CONTRACT_VERSION_PARAMETER: CONTRACT_VERSION, STAGE_SHA256_PARAMETER: stage.identity(bundle),
                   STAGE_VARIANTS_PARAMETER: json.dumps(served, sort_keys=True)}
     if stage.model_call:
         parameters[stage.model_call] = call
-    stage_options = _stage_options(options, stage, bundle.contract(stage.costly_model))
+    config = build_model_config(contract, _stage_options(options, stage, contract.name, bundle.contract(stage.costly_model)),
+                                parameters)
+    if stream:
+        config.model_transaction_policy.decoupled = True
     version = folder / VERSION
     version.mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(to_pbtxt(build_model_config(contract, stage_options, parameters)))
+    (folder / "config.pbtxt").write_text(to_pbtxt(config))
     shutil.copyfile(STUBS / f"{stage.stub}.py", version / "model.py")
     document = {"stage": stage.name, "settings": stage.settings(bundle), "variants": served}
     (version / STAGE_SETTINGS_FILE).write_text(json.dumps(document, indent=2))
@@ -269,7 +277,7 @@ def _write_stage(bundle: Bundle, stage: ServerStage, folder: Path, options: Serv
             _link_or_copy(confined_path(bundle.root, relative, f"bundle model {model!r}"), target)
     notes = [f"{', '.join(stage.models)} called {call}"] if stage.model_call else []
     notes += [f"variants {served}"] if served else []
-    return ModelReport(stage.name, folder, True, note="; ".join(notes),
+    return ModelReport(contract.name, folder, True, note="; ".join(notes),
                        variant=variant_record(bundle, stage.models[0], served[stage.models[0]])
                        if len(stage.models) == 1 and served else None)
 
@@ -352,8 +360,10 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
         report.models.append(_swap_in(root, name, lambda staging: _write_model(
             bundle, name, staging, options, engines, variants.get(name))))
     for name in loops:
-        report.server_loops.append(_swap_in(root, name, lambda staging: _write_stage(
-            bundle, SERVER_STAGES[name], staging, options, variants)))
+        stage = SERVER_STAGES[name]
+        for stream in (False, True):
+            report.server_loops.append(_swap_in(root, stage.stream_name if stream else name, lambda staging: _write_stage(
+                bundle, stage, staging, options, variants, stream)))
     return report
 
 

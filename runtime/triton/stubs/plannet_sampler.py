@@ -14,10 +14,13 @@ import numpy as np
 
 from posterrt.runtime.contracts import ModelContract, validate_inputs
 from posterrt.runtime.errors import BackendError
+from posterrt.runtime.families import FAMILIES
+from posterrt.runtime.progress import current
 from posterrt.runtime.schedulers.plannet import PlanNetSampler, PlanNetSamplerConfig
 from posterrt.runtime.server_stages.plannet import DENOISER, NAME
 from posterrt.runtime.server_stages.rng import generator_from_state, generator_state
-from posterrt.runtime.triton.stubs.requests import RequestError, error_response, open_stage, request_inputs
+from posterrt.runtime.triton.stubs.requests import (RequestError, answer_each, error_response, open_stage,
+                                                    request_control, request_inputs)
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -87,8 +90,9 @@ def run_loop(sampler: PlanNetSampler, denoiser, rows: list[dict], generators: li
     stacked = {name: np.concatenate([inputs[name] for inputs in rows]) for name in ("memory", "memory_mask", "fixed_tokens")}
     flat = [g for request in generators for g in request]
     denoise = denoiser.loop_call(stacked["memory"], stacked["memory_mask"], stacked["fixed_tokens"].shape)
+    control, stage = current(), FAMILIES["plannet"].stage
     tokens = sampler.sample(denoise, len(flat), flat, steps=int(rows[0]["steps"][0]),
-                            fixed_tokens=stacked["fixed_tokens"])
+                            fixed_tokens=stacked["fixed_tokens"], on_step=lambda step, steps: control.step(stage, step, steps))
     cuts = np.cumsum([len(request) for request in generators])[:-1]
     return np.split(tokens, cuts)
 
@@ -110,6 +114,7 @@ class TritonPythonModel:
 
         folder = open_stage(args)
         self.contract = folder.contract
+        self.decoupled = folder.decoupled
         self.sampler = PlanNetSampler(PlanNetSamplerConfig.from_bundle_config(folder.settings["config"]))
         if folder.model_call == "bls":
             self.denoiser = BlsDenoiser()
@@ -119,6 +124,8 @@ class TritonPythonModel:
             self.denoiser = InProcessDenoiser(session, self.sampler.config.num_bins)
 
     def execute(self, requests):
+        if self.decoupled:  # streamed: each request its own loop, under its own progress, cancellation, deadline
+            return answer_each(pb_utils, requests, self.contract, self.plan, decoupled=True)
         responses = [None] * len(requests)
         valid = []
         for index, request in enumerate(requests):
@@ -127,6 +134,7 @@ class TritonPythonModel:
                 valid.append((index, inputs, check_request(self.contract, self.sampler, inputs)))
             except Exception as error:  # this request is bad; the others are served
                 responses[index] = error_response(pb_utils, error)
+        controls = {index: request_control(pb_utils, requests[index]) for index, _, _ in valid}
         for group in loop_groups(valid):
             try:
                 results = run_loop(self.sampler, self.denoiser, [inputs for _, inputs, _ in group],
@@ -135,11 +143,23 @@ class TritonPythonModel:
                 for index, _, _ in group:
                     responses[index] = error_response(pb_utils, error)
                 continue
-            for (index, _, generators), tokens in zip(group, results):
+            for (index, inputs, generators), tokens in zip(group, results):
+                steps = int(inputs["steps"][0])
+                try:  # a batched loop serves several requests: each one's deadline is checked after it
+                    controls[index].check(FAMILIES["plannet"].stage, steps, steps)
+                except Exception as error:
+                    responses[index] = error_response(pb_utils, error)
+                    continue
                 states = np.stack([generator_state(g) for g in generators])
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("tokens", tokens), pb_utils.Tensor("final_rng_state", states)])
         return responses
+
+    def plan(self, inputs: dict) -> dict:
+        """One request's plans in one loop (the streamed model)."""
+        generators = check_request(self.contract, self.sampler, inputs)
+        (tokens,) = run_loop(self.sampler, self.denoiser, [inputs], [generators])
+        return {"tokens": tokens, "final_rng_state": np.stack([generator_state(g) for g in generators])}
 
     def finalize(self):
         self.denoiser = None

@@ -38,10 +38,11 @@ class TritonPythonModel:
         self.backend = folder.in_process_backend()
         self.layout = RADMLayout(self.backend, progress=False)
         self.contract = folder.contract
+        self.decoupled = folder.decoupled
 
     def execute(self, requests):  # no dynamic batching: each request's rows run one after another
         return answer_each(pb_utils, requests, self.contract, lambda inputs: pad_detections(
-            [detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))]))
+            [detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))]), self.decoupled)
 
     def finalize(self):
         self.layout = None

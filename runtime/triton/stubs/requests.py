@@ -1,5 +1,7 @@
 """What every server-stage stub shares: its folder (settings, small bundle, config parameters),
-reading and validating a request, and answering each request on its own.
+reading and validating a request, answering each request on its own, and running it under the
+request's control (runtime/progress.py): its deadline (Triton's request ``timeout``), Triton's
+cancellation flag and, for the streamed (decoupled) model, progress responses on its sender.
 
 ``pb_utils`` is passed in by the calling stub (Triton's module there; tests hand the stubs a
 stand-in), so this module never imports Triton's.
@@ -7,6 +9,7 @@ stand-in), so this module never imports Triton's.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +17,18 @@ import numpy as np
 
 from posterrt.runtime.bundle import Bundle
 from posterrt.runtime.contracts import ModelContract, validate_inputs
-from posterrt.runtime.server_stages import BUNDLE_FOLDER, SERVER_STAGES, SETTINGS_FILE, ServerStage
+from posterrt.runtime.progress import ProgressEvent, RunControl, controlled
+from posterrt.runtime.server_stages import BUNDLE_FOLDER, PROGRESS, SERVER_STAGES, SETTINGS_FILE, ServerStage
 from posterrt.runtime.triton.model import RequestError, config_parameters, error_response
 
-__all__ = ["RequestError", "error_response", "request_inputs", "answer_each", "StageFolder", "open_stage"]
+__all__ = ["RequestError", "error_response", "request_inputs", "answer_each", "StageFolder", "open_stage",
+           "request_control"]
 
 MODEL_CALLS = ("in-process", "bls")
+#: A streamed stage sends at most one progress response per this interval (and always the last
+#: step's); the client expands a response into one event per step. PlanNet's sub-millisecond steps
+#: would otherwise pay a response each (benchmarks/RESULTS.md, Streaming).
+PROGRESS_INTERVAL_S = 0.01
 
 
 @dataclass
@@ -30,9 +39,11 @@ class StageFolder:
     variants: dict  # {model: variant} the stage runs instead of the exports
     parameters: dict  # the config's parameters
     bundle: Bundle  # the small bundle: manifest, assets, the files it runs in-process
+    decoupled: bool  # the streamed model: answers through each request's response sender
 
     @property
     def contract(self) -> ModelContract:
+        """The request's contract (the streamed model's extra progress output is the stub's to send)."""
         return self.stage.contract(self.bundle)
 
     @property
@@ -60,8 +71,36 @@ def open_stage(args: dict) -> StageFolder:
     """The folder of the model Triton is initializing (``args`` of ``initialize``)."""
     folder = Path(args["model_repository"]) / args["model_version"]
     document = json.loads((folder / SETTINGS_FILE).read_text())
+    config = json.loads(args["model_config"])
+    decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
     return StageFolder(SERVER_STAGES[document["stage"]], document["settings"], document.get("variants", {}),
-                       config_parameters(json.loads(args["model_config"])), Bundle(folder / BUNDLE_FOLDER))
+                       config_parameters(config), Bundle(folder / BUNDLE_FOLDER), decoupled)
+
+
+class ProgressSender:
+    """Progress events of one request as responses on its sender, at most one per
+    :data:`PROGRESS_INTERVAL_S` (the last step always)."""
+
+    def __init__(self, pb_utils, sender):
+        self.pb_utils, self.sender = pb_utils, sender
+        self.last_sent = float("-inf")
+
+    def __call__(self, event: ProgressEvent) -> None:
+        now = time.monotonic()
+        if event.step < event.total and now - self.last_sent < PROGRESS_INTERVAL_S:
+            return
+        self.last_sent = now
+        progress = np.array([[event.step, event.total]], dtype=np.int64)
+        self.sender.send(self.pb_utils.InferenceResponse(output_tensors=[self.pb_utils.Tensor(PROGRESS.name, progress)]))
+
+
+def request_control(pb_utils, request, sender=None) -> RunControl:
+    """The request's control: its deadline (the request's ``timeout``, microseconds, 0: none),
+    Triton's cancellation flag and, given the streamed model's ``sender``, progress responses."""
+    timeout_us = request.timeout() if hasattr(request, "timeout") else 0
+    return RunControl(ProgressSender(pb_utils, sender) if sender is not None else None,
+                      timeout_us / 1e6 if timeout_us else None,
+                      request.is_cancelled if hasattr(request, "is_cancelled") else None)
 
 
 def request_inputs(pb_utils, request, contract: ModelContract) -> dict[str, np.ndarray]:
@@ -75,19 +114,27 @@ def request_inputs(pb_utils, request, contract: ModelContract) -> dict[str, np.n
     return inputs
 
 
-def answer_each(pb_utils, requests, contract: ModelContract, run) -> list:
-    """One response per request, in order, for a stage that serves requests one at a time:
-    ``run(inputs) -> {output name: array}`` on each request's validated inputs. A request that
-    lacks an input, fails validation or whose run raises gets its error alone; the others are
-    served."""
+def answer_each(pb_utils, requests, contract: ModelContract, run, decoupled: bool = False):
+    """Answer each request on its own, in order, for a stage that serves requests one at a time:
+    ``run(inputs) -> {output name: array}`` on each request's validated inputs, under the request's
+    control. A request that lacks an input, fails validation, is cancelled, passes its deadline or
+    whose run raises gets its error alone; the others are served. ``decoupled`` (the streamed
+    model): each answer, after the progress responses, goes to the request's sender as its final
+    response, and None is returned; otherwise the list of responses."""
     responses = []
     for request in requests:
+        sender = request.get_response_sender() if decoupled else None
         try:
             inputs = request_inputs(pb_utils, request, contract)
             validate_inputs(contract, inputs)
-            outputs = run(inputs)
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
+            with controlled(request_control(pb_utils, request, sender)):
+                outputs = run(inputs)
+            response = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
         except Exception as error:
-            responses.append(error_response(pb_utils, error))
-    return responses
+            response = error_response(pb_utils, error)
+        if sender is None:
+            responses.append(response)
+        else:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    return None if decoupled else responses

@@ -66,7 +66,7 @@ def run_row(engine, unet: str, settings: dict, inputs: dict, row: int) -> tuple[
     scheduler = get_scheduler(settings["schedulers"][int(inputs["scheduler"][row])], settings["scheduler_config"])
     generator = generator_from_state(inputs["rng_state"][row])
     latents = denoise(engine, unet, scheduler, inputs["latents"][row:row + 1], int(inputs["steps"][row]),
-                      guidance, fixed, generator, progress=False)
+                      guidance, fixed, generator)
     return latents, generator_state(generator)
 
 
@@ -76,10 +76,11 @@ class TritonPythonModel:
         self.settings = folder.settings
         (self.unet,) = folder.stage.models
         self.contract = folder.contract
+        self.decoupled = folder.decoupled
         self.engine = BlsUnet(folder.stage.name) if folder.model_call == "bls" else folder.in_process_backend()
 
     def execute(self, requests):  # no dynamic batching: each request's rows run one after another
-        return answer_each(pb_utils, requests, self.contract, self.denoise_rows)
+        return answer_each(pb_utils, requests, self.contract, self.denoise_rows, self.decoupled)
 
     def denoise_rows(self, inputs: dict) -> dict:
         rows = [run_row(self.engine, self.unet, self.settings, inputs, row) for row in range(len(inputs["steps"]))]
