@@ -153,6 +153,8 @@ class StageBars:
         if bar is None:
             bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=False)
         bar.update(event.step - bar.n)
+        if event.step == event.total:
+            bar.refresh()  # a fast stage ends within tqdm's redraw interval: show it complete
 
     def __enter__(self) -> "StageBars":
         return self
