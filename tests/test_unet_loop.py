@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,19 +72,20 @@ def loop_case(bundle, unet: str, guidance: float, seed: int):
     return fixed, inputs["sample"][:1]
 
 
-def client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps, guidance, seed):
+def client_denoise(embedded, bundle, unet, scheduler_name, fixed, latents, steps, guidance, seed, interval=1):
     """The pipelines' own loop in-process. Returns (latents, generator after)."""
     config = bundle.config[unet_families()[unet].config_key]["scheduler"]
     generator = np.random.default_rng([seed, 11])
-    result = denoise(embedded, unet, get_scheduler(scheduler_name, config), latents, steps, guidance, fixed, generator)
+    result = denoise(embedded, unet, get_scheduler(scheduler_name, config), latents, steps, guidance, fixed, generator,
+                     interval=interval)
     return result, generator
 
 
-def loop_request(fixed, latents, steps, guidance, scheduler_name, generator) -> dict:
+def loop_request(fixed, latents, steps, guidance, scheduler_name, generator, interval=1) -> dict:
     inputs = {**{name: array[None] for name, array in fixed.items()}, "latents": latents,
               "steps": np.array([steps], np.int64), "guidance": np.array([guidance], np.float32),
               "scheduler": np.array([list(SCHEDULERS).index(scheduler_name)], np.int64),
-              "rng_state": generator_state(generator)[None]}
+              "cache_interval": np.array([interval], np.int64), "rng_state": generator_state(generator)[None]}
     return fake_request(inputs)
 
 
@@ -101,6 +103,22 @@ def test_server_loop_gives_the_client_loops_latents(loop_repo, bundle, embedded,
     np.testing.assert_allclose(response.outputs["denoised"], expected, rtol=RTOL, atol=ATOL)
     state = generator_from_state(response.outputs["final_rng_state"][0]).bit_generator.state
     assert state == after.bit_generator.state, "the server continued the client's generator as the client loop does"
+
+
+@pytest.mark.parametrize("unet", UNETS)
+def test_server_loop_caches_features_as_the_client_loop_does(loop_repo, bundle, embedded, unet):
+    """cache_interval 2: the stub alternates the deep and shallow steps of its small bundle exactly as
+    the client loop does (the same latents), and the result is not the uncached one."""
+    seed, steps, guidance = fresh_seed(), 4, 7.5
+    fixed, latents = loop_case(bundle, unet, guidance, seed)
+    expected, _ = client_denoise(embedded, bundle, unet, "ddim", fixed, latents, steps, guidance, seed, interval=2)
+    uncached, _ = client_denoise(embedded, bundle, unet, "ddim", fixed, latents, steps, guidance, seed)
+    model = load_loop_model(loop_repo, ul.stage_name(unet))
+    (response,) = model.execute([loop_request(fixed, latents, steps, guidance, "ddim",
+                                              np.random.default_rng([seed, 11]), interval=2)])
+    assert response.error is None, response.error
+    np.testing.assert_allclose(response.outputs["denoised"], expected, rtol=RTOL, atol=ATOL)
+    assert not np.allclose(expected, uncached, rtol=RTOL, atol=ATOL)
 
 
 def test_a_bad_request_is_answered_alone(loop_repo, bundle, embedded):
@@ -129,7 +147,8 @@ def test_loop_folder(bundle, loop_repo, unet):
     version = folder / "1"
     assert sorted(p.name for p in version.iterdir()) == sorted(["model.py", "bundle", SETTINGS_FILE])
     assert (version / "model.py").read_text() == (STUBS / "unet_sampler.py").read_text()
-    assert os.path.samefile(Bundle(version / "bundle").model_path(unet), bundle.model_path(unet))
+    for model in (unet, *unet_families()[unet].cached_steps):  # the feature cache's steps run in-process too
+        assert os.path.samefile(Bundle(version / "bundle").model_path(model), bundle.model_path(model))
     settings = json.loads((version / SETTINGS_FILE).read_text())["settings"]
     assert settings["scheduler_config"] == bundle.config[unet_families()[unet].config_key]["scheduler"]
     assert settings["schedulers"] == list(SCHEDULERS)
@@ -194,9 +213,13 @@ def test_background_through_triton_uses_the_server_loop_and_paints_as_embedded(s
         # the prologue's VAE and text encoders (no style image: no image encoder) and the decoder
         # through the per-model path, no bg_unet call: the three steps ran in the server's loop
         assert triton.servers[0].answered == before + 3
+        cached = pipeline(replace(request, cache_interval=2)).image  # the feature cache in the server's loop
+        assert triton.servers[0].answered == before + 6
     expected = BackgroundPipeline(embedded, progress=False)(request).image
     assert BackgroundPipeline(embedded, progress=False).server_loop is None
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, "same latents up to float32 rounding"
+    expected = BackgroundPipeline(embedded, progress=False)(replace(request, cache_interval=2)).image
+    assert np.abs(cached.astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.mark.triton

@@ -86,6 +86,17 @@ def cache_interval(config: dict, requested: int | None) -> int:
     return int(requested or config.get("cache_interval", 1))
 
 
+def require_cached_steps(backend: Backend, model: str, interval: int) -> tuple[str, str]:
+    """``model``'s (deep, shallow) steps; BundleError when ``interval`` > 1 needs them and the bundle lacks them."""
+    deep, shallow = cached_steps(model)
+    missing = [m for m in (deep, shallow) if m not in backend.bundle.models]
+    if interval > 1 and missing:
+        raise BundleError(f"cache_interval {interval}: bundle {backend.bundle.root} lacks {missing}, the cached "
+                          f"steps of {model}; export them (`posterrt export --models {deep},{shallow}`) or use "
+                          f"cache_interval 1")
+    return deep, shallow
+
+
 class UNetSteps:
     """The UNet's call at step ``index`` -> noise prediction, with DeepCache's feature cache when
     ``interval`` > 1: every ``interval``-th step (from the first) runs the deep step, the full UNet,
@@ -98,12 +109,7 @@ class UNetSteps:
         if interval == 1:
             self.full = backend.bind(model, step_invariant)
             return
-        deep, shallow = cached_steps(model)
-        missing = [m for m in (deep, shallow) if m not in backend.bundle.models]
-        if missing:
-            raise BundleError(f"cache_interval {interval}: bundle {backend.bundle.root} lacks {missing}, the cached "
-                              f"steps of {model}; export them (`posterrt export --models {deep},{shallow}`) or use "
-                              f"cache_interval 1")
+        deep, shallow = require_cached_steps(backend, model, interval)
         self.deep, self.shallow = backend.bind(deep, step_invariant), backend.bind(shallow, step_invariant)
 
     def __call__(self, index: int, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -124,11 +130,11 @@ def denoise(backend: Backend, model: str, scheduler, latents: np.ndarray, steps:
     ``step_invariant`` holds the UNet's other inputs, already batched for guidance by the caller
     (outside this loop): text embeddings, masked-image latents, control embedding, scales.
     ``server_loop`` (the backend's ``server_stage`` for this UNet): run this same loop in the server
-    instead, one request, continuing ``rng`` there. ``interval``: the feature cache's (:class:`UNetSteps`);
-    the server stage has no cache yet, so a cached request runs its steps from here, one call each.
+    instead, one request, continuing ``rng`` there. ``interval``: the feature cache's (:class:`UNetSteps`).
     """
-    if server_loop is not None and interval == 1:
-        return server_loop(scheduler, latents, steps, guidance, step_invariant, rng)
+    if server_loop is not None:
+        require_cached_steps(backend, model, interval)  # the server's stage drives what this bundle has
+        return server_loop(scheduler, latents, steps, guidance, step_invariant, rng, interval=interval)
     scheduler.set_timesteps(steps)
     unet = UNetSteps(backend, model, step_invariant, interval)
     control, stage, timesteps = current(), family_of(model).stage, scheduler.timesteps

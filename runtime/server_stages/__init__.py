@@ -5,7 +5,8 @@ layout stage) by one request to a Python-backend model. Its spec says what both 
 nothing of either side's machinery:
 
 * ``name``: the served model; ``family``: whose settings it runs with; ``models``: the bundle
-  models it drives;
+  models it drives; ``optional_models``: those it drives when the bundle has them (a UNet's
+  feature-cache steps);
 * ``contract(bundle)``: its request and response tensors at this bundle's sizes;
 * ``settings(bundle)``: what it needs of the bundle's config. Written beside the stub; its hash,
   with the driven models' hashes (``identity``), tells a client whether a server's stage gives
@@ -59,6 +60,11 @@ class ServerStage:
     model_call: str | None = None
     batches_requests: bool = False
     onnx_only: bool = False
+    optional_models: tuple[str, ...] = ()
+
+    def present_models(self, bundle) -> tuple[str, ...]:
+        """The models it drives with ``bundle``: its own, and the optional ones the bundle has."""
+        return self.models + tuple(m for m in self.optional_models if m in bundle.models)
 
     @property
     def stream_name(self) -> str:
@@ -87,7 +93,7 @@ class ServerStage:
         """What a server's stage and a client's bundle must share for the stage to give the client's
         results: the driven models' exported weights and sizes, and the stage's settings."""
         document = {"stage": self.name, "contract_version": CONTRACT_VERSION, "settings": self.settings(bundle),
-                    "models": {m: [bundle.models[m].sha256, bundle.models[m].static_dims] for m in self.models}}
+                    "models": {m: [bundle.models[m].sha256, bundle.models[m].static_dims] for m in self.present_models(bundle)}}
         return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -97,7 +103,8 @@ def _stages() -> dict[str, ServerStage]:
                           onnx_only=True)]
     for model, family in unet_families().items():
         stages.append(ServerStage(unet.stage_name(model), family.name, (model,), unet.contract_for(model),
-                                  unet.settings_for(family), unet.encode, stub="unet_sampler", model_call=unet.MODEL_CALL_PARAMETER))
+                                  unet.settings_for(family), unet.encode, stub="unet_sampler", model_call=unet.MODEL_CALL_PARAMETER,
+                                  optional_models=family.cached_steps))
     stages.append(ServerStage(radm_layout.NAME, "radm", FAMILIES["radm"].models, radm_layout.contract,
                               radm_layout.settings, radm_layout.encode, stub="radm_layout"))
     return {stage.name: stage for stage in stages}

@@ -265,13 +265,15 @@ def _write_stage(bundle: Bundle, stage: ServerStage, folder: Path, options: Serv
     document = {"stage": stage.name, "settings": stage.settings(bundle), "variants": served}
     (version / STAGE_SETTINGS_FILE).write_text(json.dumps(document, indent=2))
     small = write_client_bundle(bundle, version / STAGE_BUNDLE_FOLDER)
-    for model in stage.models if call == "in-process" else ():
+    linked = set()  # a weights file two graphs share (a UNet's cached steps) is linked once
+    for model in stage.present_models(bundle) if call == "in-process" else ():
         entry = bundle.models[model]
         files = [entry.file, *entry.data_files]
         if model in served:
             record = bundle.variants(model)[served[model]]
             files += [record["file"], *record.get("data_files", [])]
-        for relative in files:
+        for relative in (f for f in files if f not in linked):
+            linked.add(relative)
             target = confined_path(small, relative, f"{stage.name} file of {model!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(confined_path(bundle.root, relative, f"bundle model {model!r}"), target)

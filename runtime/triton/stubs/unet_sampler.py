@@ -27,7 +27,7 @@ except ImportError:  # imported outside Triton: unit tests with a stand-in
     pb_utils = None
 
 #: the request's per-row settings; its other inputs are the UNet's step-invariant inputs
-LOOP_INPUTS = ("latents", "steps", "guidance", "scheduler", "rng_state")
+LOOP_INPUTS = ("latents", "steps", "guidance", "scheduler", "cache_interval", "rng_state")
 
 
 class BlsUnet:
@@ -66,7 +66,7 @@ def run_row(engine, unet: str, settings: dict, inputs: dict, row: int) -> tuple[
     scheduler = get_scheduler(settings["schedulers"][int(inputs["scheduler"][row])], settings["scheduler_config"])
     generator = generator_from_state(inputs["rng_state"][row])
     latents = denoise(engine, unet, scheduler, inputs["latents"][row:row + 1], int(inputs["steps"][row]),
-                      guidance, fixed, generator)
+                      guidance, fixed, generator, interval=int(inputs["cache_interval"][row]))
     return latents, generator_state(generator)
 
 
