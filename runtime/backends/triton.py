@@ -224,6 +224,7 @@ class TritonBackend(Backend):
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._stage_clients: list = []  # server-stage clients handed out (triton_stages.StageClient)
         self._shm = None
         if shared_memory:
             from ..triton.shm import SharedMemoryPool
@@ -470,13 +471,19 @@ class TritonBackend(Backend):
         """A client for stage ``name`` when a server serves it with this bundle's models and settings."""
         from .triton_stages import find_stage
 
-        return find_stage(self, name)
+        stage = find_stage(self, name)
+        if stage is not None:
+            with self._lock:
+                self._stage_clients.append(stage)  # its open streams are closed with the backend
+        return stage
 
     # -- shutdown -----------------------------------------------------------------------------
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for stage in self._stage_clients:
+            stage.close()
         if self._shm is not None:
             for server in self.servers:
                 try:  # the server unmaps our regions before we unlink them

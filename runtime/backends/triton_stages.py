@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ..contracts import ModelContract, validate_inputs
+from ..contracts import validate_inputs
 from ..errors import BackendError, DeadlineExceeded, RequestCancelled
 from ..progress import RunControl, current
 from ..server_stages import PROGRESS, SERVER_STAGES, ServerStage
@@ -48,7 +48,9 @@ class StageClient:
         self.servers = servers
         self.streaming = streaming
         self.contract = stage.contract(backend.bundle)
-        self._local = threading.local()  # per thread and server: a gRPC client for streams (one stream each)
+        self._local = threading.local()  # per thread and server: an open gRPC stream (a client holds one)
+        self._streams: list[_Stream] = []  # every stream opened, closed with the backend
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -105,18 +107,16 @@ class StageClient:
     def _stream(self, server, inputs: dict, control: RunControl) -> dict:
         """The streamed model: progress responses, then the answer; the stream is cancelled when the
         request is (or when anything here raises)."""
-        client = self._stream_client(server)
-        responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        stream = self._open_stream(server)
         answered = False
         stage, done, total = self.stage.progress_stage, 0, 0
         give_up = time.monotonic() + self._budget(control)
         try:
-            client.async_stream_infer(self.stage.stream_name, self._items(server.connections.module, inputs, {}),
-                                      timeout=_timeout_us(control))
+            stream.client.async_stream_infer(self.stage.stream_name, self._items(server.connections.module, inputs, {}),
+                                             timeout=_timeout_us(control))
             while True:
                 try:
-                    result, error = responses.get(timeout=POLL_S)
+                    result, error = stream.responses.get(timeout=POLL_S)
                 except queue.Empty:
                     if control.cancelled:
                         raise RequestCancelled(f"cancelled: the request was cancelled in stage {stage!r} at step "
@@ -136,22 +136,30 @@ class StageClient:
                     done = index
                     control.step(stage, index, total)
         finally:
-            self._close_stream(server, client, cancel=not answered)
+            if not answered:  # cancelled, late, failed: the only way to stop a streamed request is to cancel its stream
+                self._local.streams.pop(server.url)
+                with self._lock:
+                    self._streams.remove(stream)
+                stream.close()
 
-    def _stream_client(self, server):
-        clients = self._local.__dict__.setdefault("clients", {})
-        if server.url not in clients:
-            clients[server.url] = server.connections.module.InferenceServerClient(server.address)
-        return clients[server.url]
+    def _open_stream(self, server) -> "_Stream":
+        """This thread's open stream to ``server``: kept across calls (opening one costs a round trip
+        and a thread), replaced after a call that did not end with its answer."""
+        streams = self._local.__dict__.setdefault("streams", {})
+        if server.url not in streams:
+            streams[server.url] = _Stream(server.connections.module.InferenceServerClient(server.address))
+            with self._lock:
+                self._streams.append(streams[server.url])
+        return streams[server.url]
 
-    def _close_stream(self, server, client, cancel: bool) -> None:
-        try:
-            client.stop_stream(cancel_requests=cancel)
-        except Exception:  # a broken stream: drop the client, the next call makes a new one
-            self._local.clients.pop(server.url, None)
+    def close(self) -> None:
+        """Close every stream this client opened (their response threads end with them)."""
+        with self._lock:
+            streams, self._streams = self._streams, []
+        for stream in streams:
             try:
-                client.close()
-            except Exception:
+                stream.close()
+            except Exception:  # the server is gone: nothing is left open there
                 pass
 
     def _budget(self, control: RunControl) -> float:
@@ -166,6 +174,22 @@ class StageClient:
         if found:
             return DeadlineExceeded(text[found.start():], found.group(1), int(found.group(2)), int(found.group(3)))
         return BackendError(f"model {self.contract.name!r}: {text}")
+
+
+class _Stream:
+    """One gRPC stream of one thread to one server. A call ends with its final answer before the
+    next one starts, so every response on the queue is the current call's."""
+
+    def __init__(self, client):
+        self.client = client
+        self.responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def close(self) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=True)  # Triton marks the stream's requests cancelled
+        finally:
+            self.client.close()
 
 
 def _timeout_us(control: RunControl) -> int | None:
