@@ -349,10 +349,11 @@ def test_a_cancelled_loop_frees_the_instance_within_a_step_and_leaves_nothing_be
         one_step = time.monotonic() - started  # a whole one-step request: round trips, scheduler, one UNet call
         before = None
         for cycle in range(10):
-            stamps, third = [], threading.Event()
+            stamps, reported, third = [], [], threading.Event()
 
             def report(event):
                 stamps.append(time.monotonic())
+                reported.append(event.step)
                 if event.step == 3:
                     third.set()
 
@@ -362,11 +363,13 @@ def test_a_cancelled_loop_frees_the_instance_within_a_step_and_leaves_nothing_be
             assert third.wait(30)
             triton.run("vae_decoder", {"latent": latents})  # a per-model call through shared memory meanwhile
             control.cancel()
-            cancelled = time.monotonic()
+            cancelled, reached = time.monotonic(), reported[-1]
             run(stage, 1, RunControl())  # waits for the stage's only instance
             freed = time.monotonic() - cancelled
             worker.join(30)
-            assert isinstance(outcome["error"], RequestCancelled) and outcome["error"].step <= 4
+            # stopped within a step of the cancel: the step in flight when it came (its report may still be on the wire)
+            assert isinstance(outcome["error"], RequestCancelled) and outcome["error"].step <= reached + 2, \
+                (outcome["error"], reached)
             step = float(np.median(np.diff(stamps)))
             assert freed <= one_step + 1.5 * step + 0.2, f"instance free {freed:.3f} s after the cancel (step {step:.3f} s)"
             if cycle == 1:  # after the warm-up
