@@ -25,7 +25,7 @@ import numpy as np
 
 from ..contracts import validate_inputs
 from ..errors import BackendError, DeadlineExceeded, RequestCancelled
-from ..progress import RunControl, current
+from ..progress import RunControl, current, deadline_message
 from ..server_stages import PROGRESS, SERVER_STAGES, ServerStage
 from ..triton.model_config import STAGE_SHA256_PARAMETER, WIRE_DTYPES, from_wire, to_wire
 
@@ -101,6 +101,9 @@ class StageClient:
                 result = client.infer(self.contract.name, self._items(module, inputs, binary), outputs=requested,
                                       timeout=_timeout_us(control), **timeout)
             except Exception as error:
+                if _late(control):  # the call's own time ran out with the request's
+                    stage = self.stage.progress_stage
+                    raise DeadlineExceeded(deadline_message(control.timeout, stage, 0, 0), stage, 0, 0) from None
                 raise self._server_error(error) from None
         return self._outputs(result)
 
@@ -121,6 +124,9 @@ class StageClient:
                     if control.cancelled:
                         raise RequestCancelled(f"cancelled: the request was cancelled in stage {stage!r} at step "
                                                f"{done} of {total}", stage, done, total) from None
+                    if _late(control):  # e.g. still queued behind other requests at the server
+                        raise DeadlineExceeded(deadline_message(control.timeout, stage, done, total), stage, done,
+                                               total) from None
                     if time.monotonic() > give_up:
                         raise BackendError(f"model {self.stage.stream_name!r}: no answer from {server.url} within "
                                            f"the request's time") from None
@@ -137,10 +143,13 @@ class StageClient:
                     control.step(stage, index, total)
         finally:
             if not answered:  # cancelled, late, failed: the only way to stop a streamed request is to cancel its stream
-                self._local.streams.pop(server.url)
-                with self._lock:
-                    self._streams.remove(stream)
-                stream.close()
+                try:
+                    stream.restart()
+                except Exception:  # the server is gone: drop the stream, the next call opens a new one
+                    self._local.streams.pop(server.url)
+                    with self._lock:
+                        self._streams.remove(stream)
+                    stream.close()
 
     def _open_stream(self, server) -> "_Stream":
         """This thread's open stream to ``server``: kept across calls (opening one costs a round trip
@@ -177,19 +186,32 @@ class StageClient:
 
 
 class _Stream:
-    """One gRPC stream of one thread to one server. A call ends with its final answer before the
-    next one starts, so every response on the queue is the current call's."""
+    """One gRPC stream of one thread to one server. A call ends with its final answer (or the stream
+    is restarted) before the next one starts, so every response on the queue is the current call's."""
 
     def __init__(self, client):
         self.client = client
+        self._start()
+
+    def _start(self) -> None:
         self.responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        self.client.start_stream(callback=lambda result, error, responses=self.responses: responses.put((result, error)))
+
+    def restart(self) -> None:
+        """Cancel the stream (Triton marks its requests cancelled) and open a new one on the same channel."""
+        self.client.stop_stream(cancel_requests=True)
+        self._start()
 
     def close(self) -> None:
         try:
-            self.client.stop_stream(cancel_requests=True)  # Triton marks the stream's requests cancelled
+            self.client.stop_stream(cancel_requests=True)
         finally:
             self.client.close()
+
+
+def _late(control: RunControl) -> bool:
+    """The request's deadline passed longer ago than the server needs to answer with its own error."""
+    return control.deadline is not None and time.monotonic() > control.deadline + DEADLINE_GRACE_S
 
 
 def _timeout_us(control: RunControl) -> int | None:

@@ -125,7 +125,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         if self.decoupled:  # streamed: each request its own loop, under its own progress, cancellation, deadline
-            return answer_each(pb_utils, requests, self.contract, self.plan, decoupled=True)
+            return answer_each(pb_utils, requests, self.contract, self.plan, decoupled=True,
+                               stage=FAMILIES["plannet"].stage)
         responses = [None] * len(requests)
         valid = []
         for index, request in enumerate(requests):

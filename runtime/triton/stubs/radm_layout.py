@@ -39,10 +39,13 @@ class TritonPythonModel:
         self.layout = RADMLayout(self.backend, progress=False)
         self.contract = folder.contract
         self.decoupled = folder.decoupled
+        self.stage = folder.stage.progress_stage
 
     def execute(self, requests):  # no dynamic batching: each request's rows run one after another
-        return answer_each(pb_utils, requests, self.contract, lambda inputs: pad_detections(
-            [detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))]), self.decoupled)
+        return answer_each(pb_utils, requests, self.contract, self.detect_rows, self.decoupled, self.stage)
+
+    def detect_rows(self, inputs: dict) -> dict:
+        return pad_detections([detect_row(self.layout, inputs, row) for row in range(len(inputs["seed"]))])
 
     def finalize(self):
         self.layout = None

@@ -114,20 +114,23 @@ def request_inputs(pb_utils, request, contract: ModelContract) -> dict[str, np.n
     return inputs
 
 
-def answer_each(pb_utils, requests, contract: ModelContract, run, decoupled: bool = False):
+def answer_each(pb_utils, requests, contract: ModelContract, run, decoupled: bool = False, stage: str = ""):
     """Answer each request on its own, in order, for a stage that serves requests one at a time:
     ``run(inputs) -> {output name: array}`` on each request's validated inputs, under the request's
     control. A request that lacks an input, fails validation, is cancelled, passes its deadline or
     whose run raises gets its error alone; the others are served. ``decoupled`` (the streamed
     model): each answer, after the progress responses, goes to the request's sender as its final
-    response, and None is returned; otherwise the list of responses."""
+    response, and None is returned; otherwise the list of responses. A request cancelled or past its
+    deadline while it waited in the queue is answered so before its loop starts (``stage``: the
+    pipeline stage its errors name)."""
     responses = []
     for request in requests:
         sender = request.get_response_sender() if decoupled else None
         try:
             inputs = request_inputs(pb_utils, request, contract)
             validate_inputs(contract, inputs)
-            with controlled(request_control(pb_utils, request, sender)):
+            with controlled(request_control(pb_utils, request, sender)) as control:
+                control.check(stage)
                 outputs = run(inputs)
             response = pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])

@@ -77,10 +77,12 @@ class TritonPythonModel:
         (self.unet,) = folder.stage.models
         self.contract = folder.contract
         self.decoupled = folder.decoupled
+        self.stage = folder.stage.progress_stage
         self.engine = BlsUnet(folder.stage.name) if folder.model_call == "bls" else folder.in_process_backend()
 
     def execute(self, requests):  # no dynamic batching: each request's rows run one after another
-        return answer_each(pb_utils, requests, self.contract, self.denoise_rows, self.decoupled)
+        return answer_each(pb_utils, requests, self.contract, self.denoise_rows, self.decoupled,
+                           self.stage)
 
     def denoise_rows(self, inputs: dict) -> dict:
         rows = [run_row(self.engine, self.unet, self.settings, inputs, row) for row in range(len(inputs["steps"]))]
