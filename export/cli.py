@@ -32,10 +32,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from .bundle_writer import Sources, export_bundle
-    from .registry import check_preset, parse_models
+    from .registry import check_preset, parse_models, with_weight_sharers
 
     preset = check_preset(args.preset)
-    models = parse_models(args.models)
+    models = with_weight_sharers(parse_models(args.models))  # the list export_bundle writes
     sources = Sources(_pairs(args.checkpoint, "--checkpoint"), _pairs(args.from_pretrained, "--from-pretrained"))
     manifest = export_bundle(preset, models, args.out, sources, progress=not args.quiet, accuracy=not args.no_accuracy)
     for name in models:

@@ -121,3 +121,46 @@ def test_refine_metrics_scores_raw_and_refined_layouts_of_the_same_proposals(tin
     before = (out / "raw" / "0.json").read_text()
     assert refine_metrics(["--recompose", "--seeds", "2", "--out", str(out)]) == 0
     assert (out / "raw" / "0.json").read_text() == before
+
+
+def test_e2e_bench_breaks_each_run_down_and_compares_backends(tiny_bundle, tmp_path, capsys):
+    """Issue 18's end-to-end tool: each part is measured, the parts and 'other' add up to the run."""
+    from posterrt.benchmarks import e2e
+
+    table = e2e.measure(tiny_bundle, ["render"], size=256, steps=2, rounds=1, warmup=0, cache_interval=2, progress=False)
+    for side in e2e.BACKENDS:
+        entry = table["render"][side]
+        assert entry["mean_s"]["prologue"] > 0 and entry["mean_s"]["loop"] > 0 and entry["mean_s"]["epilogue"] > 0
+        assert entry["mean_s"]["composition"] > 0
+        assert sum(entry["mean_s"].values()) == pytest.approx(entry["total_p50_s"], rel=1e-6)  # one run: mean = p50
+        assert 0 <= entry["not_model_share"] < 1
+    assert table["render"]["speedup_p50"] > 0
+    out = tmp_path / "e2e.json"
+    assert e2e.main(["--bundle", str(tiny_bundle), "--pipelines", "background", "--size", "256x320", "--steps", "1",
+                     "--rounds", "1", "--warmup", "0", "--memory", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["memory"]["torch"]["peak_rss_gb"] > record["memory"]["torch"]["before_models_gb"] > 0
+    assert "| background | torch / embedded |" in capsys.readouterr().out
+
+
+def test_cache_curve_and_step_sweep_compare_against_their_references(tiny_bundle):
+    from posterrt.benchmarks import cache_curve, step_sweep
+
+    result = cache_curve.curve(tiny_bundle, "background", intervals=(1, 2), steps=3, rounds=1, warmup=0, progress=False)
+    assert result["table"][1]["psnr_db"] is None and result["table"][1]["loop_speedup_p50"] == 1.0
+    assert result["table"][2]["psnr_db"] > 0  # cached output is another picture, close to the uncached one
+    assert set(result["step_p50_ms"]) == {"bg_unet", "bg_unet_deep", "bg_unet_shallow"}
+    table = step_sweep.sweep(tiny_bundle, "background", schedulers=("ddim", "euler"), steps=(2,), reference_steps=3,
+                             progress=False)
+    assert set(table) == {"ddim", "euler"} and table["ddim"][2]["ssim"] <= 1.0
+    assert "| euler |" in step_sweep.markdown(table, reference_steps=3)
+
+
+def test_cache_step_costs_time_the_three_graphs_on_the_same_inputs(tiny_bundle, capsys):
+    from posterrt.benchmarks import cache_curve
+
+    result = cache_curve.step_costs(tiny_bundle, "render_unet", size=256, repeats=1, warmup=0)
+    assert set(result["timings"]) == {"render_unet", "render_unet_deep", "render_unet_shallow"}
+    assert result["shallow_over_plain"] > 0 and result["deep_over_plain"] > 0
+    assert cache_curve.main(["--bundle", str(tiny_bundle), "--step-costs", "bg_unet", "--size", "256", "--rounds", "1"]) == 0
+    assert "shallow / bg_unet:" in capsys.readouterr().out
