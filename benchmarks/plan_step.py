@@ -22,7 +22,7 @@ def measure(bundle_dir, plans: int = 40, warmup: int = 5, threads: int = 1) -> d
     from posterrt.runtime.pipelines.plan import PlanNetPlanner
 
     timed = TimedBackend(embedded_backend(Bundle(bundle_dir), threads))
-    planner = PlanNetPlanner(timed, progress=False)
+    planner = PlanNetPlanner(timed)
     request = demo_request(256, None)
     rounds = []
     for index in range(warmup + plans):

@@ -150,7 +150,7 @@ def recompose(out: Path, seed: int, product, mask, logo) -> None:
 
 def run_models(args, product, mask, logo) -> None:
     with OrtBackend(Bundle(args.bundle)) as backend:
-        layout = RADMLayout(backend, progress=False)
+        layout = RADMLayout(backend)
         if args.score_threshold is not None:
             layout.sampler = RadmBoxSampler(dataclasses.replace(layout.sampler.config, score_threshold=args.score_threshold))
         background = None

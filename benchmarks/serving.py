@@ -368,7 +368,7 @@ def bench_plan_loops(results: dict, bundle: Bundle, stack: ExitStack, workdir: P
         return
     request = demo_request(image_size, None)
     embedded = stack.enter_context(embedded_backend(bundle, threads))
-    planner = PlanNetPlanner(embedded, progress=False)
+    planner = PlanNetPlanner(embedded)
     memory = embedded.run("plannet_encoder", {"image": planner.product_pixels(request), **planner.encode_texts(request.texts)})
     fixed = planner.sampler.blank_tokens(1)
     fixed[0, 0, 0] = 0
@@ -400,11 +400,11 @@ def bench_plan_loops(results: dict, bundle: Bundle, stack: ExitStack, workdir: P
         options = serving_options(intra_op_threads=threads, extra_parameters={plannet_stage.MODEL_CALL_PARAMETER: call})
         server = start_server(stack, bundle, workdir, f"plan-{call}", options, models=plan_models)
         backend = stack.enter_context(open_backend(bundle, server.grpc_url, models=models))
-        served = PlanNetPlanner(backend, progress=False)
+        served = PlanNetPlanner(backend)
         assert served.server_loop is not None, f"the {call} server offers {plannet_stage.NAME}"
         candidates[f"triton-grpc: server loop, {call}"] = lambda served=served: served(request)
         if call == "in-process":
-            client = PlanNetPlanner(backend, progress=False, server_loop=False)
+            client = PlanNetPlanner(backend, server_loop=False)
             candidates["triton-grpc: client loop"] = lambda client=client: client(request)
     from .timing import interleaved
 

@@ -89,7 +89,7 @@ def assert_same_detections(outputs: dict, row: int, expected) -> None:
 
 @pytest.mark.parametrize("texts,steps,pad_lines", [(TEXTS, 1, 0), ([], 1, 0), (TEXTS[:2], 2, 3)])
 def test_stage_model_gives_the_client_stages_boxes(stage_repo, embedded, texts, steps, pad_lines):
-    layout = RADMLayout(embedded, progress=False)
+    layout = RADMLayout(embedded)
     seed = fresh_seed()
     image, ids, attention = stage_case(layout, texts, seed)
     expected = layout.detect(image, ids, attention, seed, steps)
@@ -103,7 +103,7 @@ def test_stage_model_gives_the_client_stages_boxes(stage_repo, embedded, texts, 
 
 
 def test_steps_zero_means_the_bundles_sampling_steps(stage_repo, embedded):
-    layout = RADMLayout(embedded, progress=False)
+    layout = RADMLayout(embedded)
     seed = fresh_seed()
     image, ids, attention = stage_case(layout, TEXTS, seed)
     (response,) = load_stage_model(stage_repo).execute([stage_request(image, ids, attention, seed, 0)])
@@ -111,7 +111,7 @@ def test_steps_zero_means_the_bundles_sampling_steps(stage_repo, embedded):
 
 
 def test_a_bad_request_is_answered_alone(stage_repo, embedded):
-    layout = RADMLayout(embedded, progress=False)
+    layout = RADMLayout(embedded)
     seed = fresh_seed()
     image, ids, attention = stage_case(layout, TEXTS, seed)
     good = stage_request(image, ids, attention, seed, 1)

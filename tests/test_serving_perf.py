@@ -237,14 +237,14 @@ def test_planner_through_triton_uses_the_server_loop_and_plans_as_embedded(serve
     request = PosterRequest(product=rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), texts=["New arrival", "Sale"],
                             size=(256, 384), seed=fresh_seed()).validate()
     with TritonBackend(bundle, url) as triton:
-        planner = PlanNetPlanner(triton, progress=False)
+        planner = PlanNetPlanner(triton)
         assert planner.server_loop is not None, "the server serves plannet_sampler for this bundle"
         before = triton.servers[0].answered
         served_plan = planner(request)
         assert triton.servers[0].answered == before + 1, "only the encoder went through the per-model path"
-        client_plan = PlanNetPlanner(triton, progress=False, server_loop=False)(request)
-    embedded_plan = PlanNetPlanner(embedded, progress=False)(request)
-    assert PlanNetPlanner(embedded, progress=False).server_loop is None
+        client_plan = PlanNetPlanner(triton, server_loop=False)(request)
+    embedded_plan = PlanNetPlanner(embedded)(request)
+    assert PlanNetPlanner(embedded).server_loop is None
     for plan in (served_plan, client_plan):
         assert [(e.cls, e.box) for e in plan] == [(e.cls, e.box) for e in embedded_plan]
 
@@ -317,10 +317,10 @@ def test_the_streamed_sampler_reports_each_level_in_order_and_plans_as_embedded(
                             size=(256, 384), layout_steps=60, seed=fresh_seed()).validate()
     events = []
     with TritonBackend(bundle, served.grpc_url) as triton:
-        planner = PlanNetPlanner(triton, progress=False)
+        planner = PlanNetPlanner(triton)
         assert planner.server_loop.streaming, "gRPC: the streamed plannet_sampler"
         with controlled(RunControl(events.append)):
             plan = planner(request)
     assert [(e.stage, e.step, e.total) for e in events] == [("plan", step, 60) for step in range(1, 61)]
-    embedded_plan = PlanNetPlanner(embedded, progress=False)(request)
+    embedded_plan = PlanNetPlanner(embedded)(request)
     assert [(e.cls, e.box) for e in plan] == [(e.cls, e.box) for e in embedded_plan]

@@ -32,10 +32,9 @@ class RADMLayout:
     when it offers one: the whole stage in one request, with the same boxes for the same seed.
     The server runs :meth:`detect` itself, over its own in-process copy of the three models."""
 
-    def __init__(self, backend: Backend, progress: bool = True, server_layout: bool = True):
+    def __init__(self, backend: Backend, server_layout: bool = True):
         backend.bundle.require(MODELS)
         self.backend = backend
-        self.progress = progress
         self.config = family_config(backend, "radm")
         self.class_names = list(self.config["class_names"])
         self.sampler = RadmBoxSampler(RadmSamplerConfig.from_bundle_config(self.config))
@@ -106,7 +105,7 @@ class LayoutPipeline:
 
     def __init__(self, backend: Backend, progress: bool = True):
         self.progress = progress
-        self.layout = RADMLayout(backend, progress=progress)
+        self.layout = RADMLayout(backend)
 
     def __call__(self, request: PosterRequest) -> PosterResult:
         request.validate()

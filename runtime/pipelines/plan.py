@@ -27,10 +27,9 @@ MODELS = FAMILIES["plannet"].stage_models
 class PlanNetPlanner:
     """``server_loop``: use the backend's server-side loop when it offers one (False: always loop here)."""
 
-    def __init__(self, backend: Backend, progress: bool = True, server_loop: bool = True):
+    def __init__(self, backend: Backend, server_loop: bool = True):
         backend.bundle.require(MODELS)
         self.backend = backend
-        self.progress = progress
         self.server_loop = backend.server_stage(plannet_stage.NAME) if server_loop else None
         self.config = family_config(backend, "plannet")
         self.class_names = list(self.config["class_names"])

@@ -18,7 +18,7 @@ class PosterPipeline:
     def __init__(self, backend: Backend, progress: bool = True):
         self.progress = progress
         self.background = BackgroundPipeline(backend, progress=progress)
-        self.layout = RADMLayout(backend, progress=progress)
+        self.layout = RADMLayout(backend)
 
     def __call__(self, request: PosterRequest) -> PosterResult:
         request.validate()

@@ -34,7 +34,7 @@ class RenderPipeline:
         self.progress = progress
         self.config = family_config(backend, "rendernet")
         self.sd_config = family_config(backend, "stable_diffusion")  # prompt, tokenizer, default steps
-        self.planner = PlanNetPlanner(backend, progress=progress)
+        self.planner = PlanNetPlanner(backend)
         self.prompt_encoder = PromptEncoder(backend)
         self.server_loop = backend.server_stage(stage_name("render_unet"))  # None: the loop runs here, one call per step
 

@@ -36,7 +36,7 @@ class TritonPythonModel:
 
         folder = open_stage(args)
         self.backend = folder.in_process_backend()
-        self.layout = RADMLayout(self.backend, progress=False)
+        self.layout = RADMLayout(self.backend)
         self.contract = folder.contract
         self.decoupled = folder.decoupled
         self.stage = folder.stage.progress_stage
