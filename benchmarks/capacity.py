@@ -101,7 +101,16 @@ def plan(profile: Profile, posters_s: float, p99_s: float, rho_max: float = 0.8,
 
 # --- profiles from the repository's measurements ---------------------------------------------------
 def _json(relative: str) -> dict:
-    return json.loads((RESULTS / relative).read_text())
+    path = RESULTS / relative
+    if not path.is_file():  # the recorded results live in a checkout, not in an installed wheel
+        raise SystemExit(f"capacity: {path} not found: run from a posterrt checkout (pip install -e .) "
+                         f"or pass --results <checkout>/benchmarks/results")
+    return json.loads(path.read_text())
+
+
+def set_results(folder: Path) -> None:
+    global RESULTS
+    RESULTS = Path(folder)
 
 
 def cpu_tiny_profile(pipeline: str = "render", cores: int = 2, results: str = "serving/bench.json") -> Profile:
@@ -178,7 +187,10 @@ def main(argv=None) -> int:
     parser.add_argument("--paper-cores", type=int, default=16, help="cores of a paper-size CPU replica (default 16)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of a paper poster (default 50)")
     parser.add_argument("--out", type=Path, help="also write the plans and profiles as JSON here")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="the recorded bench results to read the measured profiles from (default: this checkout's)")
     args = parser.parse_args(argv)
+    set_results(args.results)
     cases = [(cpu_tiny_profile("render"), [(1, 1.0), (10, 1.0), (50, 1.0)]),
              (cpu_paper_profile(args.steps, args.paper_cores), [(0.1, 120), (1, 120), (1, 60)])]
     cases += [(profile, [(1, 10), (10, 10), (10, 30)]) for profile in gpu_profiles()]

@@ -3,6 +3,7 @@ fewest replicas that meet a target, and its profiles read from the repository's 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -32,12 +33,23 @@ def test_plan_is_the_fewest_replicas_that_meet_the_target():
     assert plan(profile, 1.0, 2.0).replicas is None and "2.20 s at p99" in plan(profile, 1.0, 2.0).note
 
 
-def test_profiles_come_from_recorded_results_and_published_figures_are_labeled(capsys):
+@pytest.fixture
+def checkout_results(monkeypatch):
+    """The checkout's recorded results (CI installs posterrt as a wheel, which does not carry them)."""
+    monkeypatch.setattr(capacity, "RESULTS", Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+
+
+def test_profiles_come_from_recorded_results_and_published_figures_are_labeled(checkout_results, capsys):
     tiny = capacity.cpu_tiny_profile("render")
     assert tiny.source.startswith("measured: benchmarks/results/serving/bench.json") and 0.1 < tiny.service_p50_s < 2
     paper = capacity.cpu_paper_profile(steps=50, cores=16)
     assert paper.slots == 8 and paper.service_p50_s > 50 * 0.5  # 50 UNet steps of ~0.7 s each
     assert all(p.source.startswith("published: ") for p in capacity.gpu_profiles())
-    assert capacity.main([]) == 0
+    assert capacity.main(["--results", str(capacity.RESULTS)]) == 0
     out = capsys.readouterr().out
     assert "| cpu tiny render |" in out and "published: microsoft/onnxruntime" in out
+
+
+def test_results_missing_is_one_line_naming_the_folder(tmp_path):
+    with pytest.raises(SystemExit, match="not found: run from a posterrt checkout"):
+        capacity.main(["--results", str(tmp_path)])
