@@ -36,7 +36,6 @@ from posterrt.runtime.pipelines.request import parse_size
 from .machine import describe
 from .serving import TimedBackend, demo_request, embedded_backend
 
-BACKENDS = ("embedded", "torch")
 PIPELINES = ("poster", "background", "render", "layout")
 PARTS = ("prologue", "loop", "epilogue", "composition", "other")
 ROLE_PART = {PROLOGUE: "prologue", STEP: "loop", EPILOGUE: "epilogue"}
@@ -84,29 +83,41 @@ def make_request(size: int | tuple[int, int], steps: int | None, seed: int, cach
     return request
 
 
+def sides_of(cache_intervals=(1,)) -> list[tuple[str, str, int]]:
+    """(label, backend, cache interval) of each side: the PyTorch reference (never cached) and one
+    embedded side per interval, so cached and uncached posters are timed in the same rounds."""
+    return [("torch", "torch", 1)] + [("embedded" if n == 1 else f"embedded N={n}", "embedded", n)
+                                      for n in dict.fromkeys(cache_intervals)]
+
+
 def measure(bundle_dir, pipelines=PIPELINES, size: int | tuple[int, int] = 512, steps: int | None = None, rounds: int = 3,
             warmup: int = 1, threads: int = 2, seed: int = 0, variants: dict | None = None,
-            cache_interval: int | None = None, progress: bool = True) -> dict:
-    """Interleaved rounds of every pipeline on both sides; the torch side never caches (the reference)."""
+            cache_intervals=(1,), warmup_steps: int | None = None, progress: bool = True) -> dict:
+    """Interleaved rounds of every pipeline on every side (:func:`sides_of`). Warm-up rounds run
+    ``warmup_steps`` steps (default: ``steps``): they load the sessions and size the allocators,
+    which a few steps do as well as thirty at paper size."""
     bundle = Bundle(bundle_dir)
-    sides = {side: open_side(bundle, side, threads, variants if side == "embedded" else None) for side in BACKENDS}
-    runners = {(name, side): build_pipeline(name, backend, progress=False)
-               for name in pipelines for side, backend in sides.items()}
-    requests = {"embedded": make_request(size, steps, seed, cache_interval), "torch": make_request(size, steps, seed, 1)}
+    sides = sides_of(cache_intervals)
+    backends = {kind: open_side(bundle, kind, threads, variants if kind == "embedded" else None)
+                for kind in dict.fromkeys(kind for _, kind, _ in sides)}
+    runners = {(name, label): (build_pipeline(name, backends[kind], progress=False), backends[kind], interval)
+               for name in pipelines for label, kind, interval in sides}
     samples = {key: [] for key in runners}
     bar = tqdm(total=(warmup + rounds) * len(runners), desc="e2e", unit="run", disable=not progress)
     for index in range(warmup + rounds):
-        for (name, side), pipeline in runners.items():
-            bar.set_postfix_str(f"{name} {side}")
-            figures = run_once(pipeline, sides[side], requests[side])
+        run_steps = warmup_steps if index < warmup and warmup_steps is not None else steps
+        for (name, label), (pipeline, backend, interval) in runners.items():
+            bar.set_postfix_str(f"{name} {label}")
+            figures = run_once(pipeline, backend, make_request(size, run_steps, seed, interval))
             if index >= warmup:
-                samples[(name, side)].append(figures)
+                samples[(name, label)].append(figures)
             bar.update()
     bar.close()
     table = {}
     for name in pipelines:
-        table[name] = {side: summarize(samples[(name, side)]) for side in BACKENDS}
-        table[name]["speedup_p50"] = table[name]["torch"]["total_p50_s"] / table[name]["embedded"]["total_p50_s"]
+        table[name] = {label: summarize(samples[(name, label)]) for label, _, _ in sides}
+        table[name]["speedup_p50"] = {label: table[name]["torch"]["total_p50_s"] / table[name][label]["total_p50_s"]
+                                      for label, kind, _ in sides if kind == "embedded"}
     return table
 
 
@@ -132,23 +143,25 @@ def _memory_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _peak_rss_child(bundle_dir, side, pipelines, size, steps, threads, seed, variants, cache_interval, queue) -> None:
+def _peak_rss_child(bundle_dir, kind, pipelines, size, steps, threads, seed, variants, cache_interval, queue) -> None:
     bundle = Bundle(bundle_dir)
-    backend = open_side(bundle, side, threads, variants)
+    backend = open_side(bundle, kind, threads, variants)
     before = _memory_kib("VmRSS")  # libraries imported, no model loaded yet (sessions open on first use)
     for name in pipelines:
         build_pipeline(name, backend, progress=False)(make_request(size, steps, seed, cache_interval))
     queue.put({"peak_rss_gb": _memory_kib("VmHWM") / 2 ** 20, "before_models_gb": before / 2 ** 20})
 
 
-def peak_memory(bundle_dir, side: str, pipelines=PIPELINES, size: int | tuple[int, int] = 512, steps: int | None = None,
-                threads: int = 2, seed: int = 0, variants: dict | None = None, cache_interval: int | None = None) -> dict:
-    """Peak resident memory of a fresh process that runs every pipeline once on ``side``."""
+def peak_memory(bundle_dir, kind: str, pipelines=PIPELINES, size: int | tuple[int, int] = 512, steps: int | None = None,
+                threads: int = 2, seed: int = 0, variants: dict | None = None, cache_interval: int = 1) -> dict:
+    """Peak resident memory of a fresh process that runs every pipeline once on one side (``kind``
+    ``embedded`` or ``torch``). A few steps reach the peak as well as thirty: every model is loaded
+    and every buffer sized by the first full (and, cached, the first shallow) step."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_rss_child, args=(str(bundle_dir), side, tuple(pipelines), size, steps, threads,
-                                                          seed, variants, cache_interval if side == "embedded" else 1,
-                                                          queue))
+    child = context.Process(target=_peak_rss_child, args=(str(bundle_dir), kind, tuple(pipelines), size, steps, threads,
+                                                          seed, variants if kind == "embedded" else None,
+                                                          cache_interval, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -159,15 +172,27 @@ def markdown(record: dict) -> str:
     lines = ["| pipeline | backend | p50 s | prologue | loop | epilogue | composition | other | not a model call |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in record["table"].items():
-        for side in BACKENDS:
-            entry = row[side]
+        for label, entry in row.items():
+            if label == "speedup_p50":
+                continue
             parts = " | ".join(f"{entry['mean_s'][p]:.3f}" for p in PARTS)
-            lines.append(f"| {name} | {side} | {entry['total_p50_s']:.3f} | {parts} | {entry['not_model_share']:.1%} |")
-        lines.append(f"| {name} | torch / embedded | {row['speedup_p50']:.2f}x | | | | | | |")
+            lines.append(f"| {name} | {label} | {entry['total_p50_s']:.3f} | {parts} | {entry['not_model_share']:.1%} |")
+        for label, speedup in row["speedup_p50"].items():
+            lines.append(f"| {name} | torch / {label} | {speedup:.2f}x | | | | | | |")
     for side, memory in record.get("memory", {}).items():
         lines.append(f"\npeak RSS {side}: {memory['peak_rss_gb']:.2f} GB (before loading models "
                      f"{memory['before_models_gb']:.2f} GB)")
     return "\n".join(lines)
+
+
+def parse_intervals(text: str) -> list[int]:
+    try:
+        intervals = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        intervals = []
+    if not intervals or min(intervals) < 1:
+        raise SystemExit(f"--cache-interval: expected comma-separated integers >= 1 (e.g. 1,3), got {text!r}")
+    return intervals
 
 
 def main(argv=None) -> int:
@@ -181,21 +206,28 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", help="embedded side: MODEL=VARIANT,... (gated variants of the bundle)")
-    parser.add_argument("--cache-interval", type=int, default=None, help="embedded side's UNet feature cache (1 = off)")
+    parser.add_argument("--cache-interval", default="1",
+                        help="embedded sides' UNet feature cache intervals, e.g. 1,3: one embedded side each (1 = off)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="steps of the warm-up rounds and of the --memory runs (default: --steps)")
     parser.add_argument("--memory", action="store_true", help="also measure each backend's peak RSS in its own process")
     parser.add_argument("--out", type=Path, help="JSON file for the figures, the command and the machine")
     args = parser.parse_args(argv)
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     variants = parse_variant_list(args.variants)
-    settings = dict(size=parse_size(args.size), steps=args.steps, threads=args.threads, seed=args.seed, variants=variants,
-                    cache_interval=args.cache_interval)
+    intervals = parse_intervals(args.cache_interval)
+    settings = dict(size=parse_size(args.size), steps=args.steps, threads=args.threads, seed=args.seed, variants=variants)
     record = {"command": "python -m posterrt.benchmarks.e2e " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": describe(measure_peak=False), "bundle_preset": Bundle(args.bundle).preset,
-              "settings": {**settings, "rounds": args.rounds, "warmup": args.warmup},
-              "table": measure(args.bundle, pipelines, rounds=args.rounds, warmup=args.warmup, **settings)}
+              "settings": {**settings, "cache_intervals": intervals, "rounds": args.rounds, "warmup": args.warmup,
+                           "warmup_steps": args.warmup_steps},
+              "table": measure(args.bundle, pipelines, rounds=args.rounds, warmup=args.warmup, cache_intervals=intervals,
+                               warmup_steps=args.warmup_steps, **settings)}
     if args.memory:
-        record["memory"] = {side: peak_memory(args.bundle, side, pipelines, **settings) for side in BACKENDS}
+        memory_settings = {**settings, "steps": args.warmup_steps or args.steps}
+        record["memory"] = {label: peak_memory(args.bundle, kind, pipelines, cache_interval=interval, **memory_settings)
+                            for label, kind, interval in sides_of(intervals)}
     print(markdown(record))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -127,20 +127,25 @@ def test_e2e_bench_breaks_each_run_down_and_compares_backends(tiny_bundle, tmp_p
     """Issue 18's end-to-end tool: each part is measured, the parts and 'other' add up to the run."""
     from posterrt.benchmarks import e2e
 
-    table = e2e.measure(tiny_bundle, ["render"], size=256, steps=2, rounds=1, warmup=0, cache_interval=2, progress=False)
-    for side in e2e.BACKENDS:
+    table = e2e.measure(tiny_bundle, ["render"], size=256, steps=2, rounds=1, warmup=1, warmup_steps=1,
+                        cache_intervals=(1, 2), progress=False)
+    assert set(table["render"]) == {"torch", "embedded", "embedded N=2", "speedup_p50"}
+    for side in ("torch", "embedded", "embedded N=2"):
         entry = table["render"][side]
         assert entry["mean_s"]["prologue"] > 0 and entry["mean_s"]["loop"] > 0 and entry["mean_s"]["epilogue"] > 0
         assert entry["mean_s"]["composition"] > 0
         assert sum(entry["mean_s"].values()) == pytest.approx(entry["total_p50_s"], rel=1e-6)  # one run: mean = p50
         assert 0 <= entry["not_model_share"] < 1
-    assert table["render"]["speedup_p50"] > 0
+    assert set(table["render"]["speedup_p50"]) == {"embedded", "embedded N=2"}
+    assert min(table["render"]["speedup_p50"].values()) > 0
     out = tmp_path / "e2e.json"
     assert e2e.main(["--bundle", str(tiny_bundle), "--pipelines", "background", "--size", "256x320", "--steps", "1",
                      "--rounds", "1", "--warmup", "0", "--memory", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["memory"]["torch"]["peak_rss_gb"] > record["memory"]["torch"]["before_models_gb"] > 0
     assert "| background | torch / embedded |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--cache-interval"):
+        e2e.main(["--bundle", str(tiny_bundle), "--cache-interval", "0"])
 
 
 def test_cache_curve_and_step_sweep_compare_against_their_references(tiny_bundle):
