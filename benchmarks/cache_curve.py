@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from posterrt.runtime.accuracy import image_agreement
 from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.contracts import parse_variant_list
 from posterrt.runtime.pipelines import build_pipeline
 
 from .machine import describe
@@ -34,11 +35,12 @@ INTERVALS = (1, 2, 3, 4, 5)
 
 
 def curve(bundle_dir, pipeline: str = "background", intervals=INTERVALS, steps: int = 30, size: int = 256,
-          rounds: int = 3, warmup: int = 1, threads: int = 2, seed: int = 0, progress: bool = True) -> dict:
+          rounds: int = 3, warmup: int = 1, threads: int = 2, seed: int = 0, variants: dict | None = None,
+          progress: bool = True) -> dict:
     from posterrt.runtime.families import FAMILIES
 
     bundle = Bundle(bundle_dir)
-    backend = TimedBackend(embedded_backend(bundle, threads), server_loops=False)
+    backend = TimedBackend(embedded_backend(bundle, threads, variants), server_loops=False)
     runner = build_pipeline(pipeline, backend, progress=False)
     family = next(f for f in FAMILIES.values() if f.stage == pipeline)
     unet_graphs = {family.denoiser, *family.cached_steps}  # not PlanNet's steps in the render pipeline
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--intervals", default=",".join(map(str, INTERVALS)), help="cache intervals, the first the baseline")
+    parser.add_argument("--variants", help="MODEL=VARIANT,... gated variants of the bundle (default: the exported files)")
     parser.add_argument("--step-costs", metavar="UNET", help="instead: time UNET's plain, deep and shallow step alone")
     parser.add_argument("--out", type=Path, help="JSON file for the curve, the command and the machine")
     args = parser.parse_args(argv)
@@ -136,15 +140,16 @@ def main(argv=None) -> int:
                 f"{result['shallow_over_plain_min']:.3f}, GFLOP {result['shallow_over_plain_gflop']:.3f}; deep / "
                 f"{result['full_step']} p50 {result['deep_over_plain']:.3f}")
     else:
-        result = curve(args.bundle, args.pipeline, steps=args.steps, size=args.size, rounds=args.rounds,
-                       threads=args.threads)
+        intervals = tuple(int(n) for n in args.intervals.split(","))
+        result = curve(args.bundle, args.pipeline, intervals, steps=args.steps, size=args.size, rounds=args.rounds,
+                       threads=args.threads, variants=parse_variant_list(args.variants))
         print(markdown(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         record = {"command": "python -m posterrt.benchmarks.cache_curve " + shlex.join(argv if argv is not None else sys.argv[1:]),
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": describe(measure_peak=False),
                   "bundle_preset": Bundle(args.bundle).preset, "pipeline": args.pipeline, "steps": args.steps,
-                  "size": args.size, "rounds": args.rounds, **result}
+                  "size": args.size, "rounds": args.rounds, "variants": args.variants, **result}
         args.out.write_text(json.dumps(record, indent=2, default=float))
     return 0
 

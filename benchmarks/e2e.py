@@ -44,10 +44,7 @@ ROLE_PART = {PROLOGUE: "prologue", STEP: "loop", EPILOGUE: "epilogue"}
 def open_side(bundle: Bundle, side: str, threads: int, variants: dict | None = None):
     """The backend of one side, wrapped so its model calls are timed."""
     if side == "embedded":
-        from posterrt.runtime.backends.onnxruntime import OrtBackend
-
-        inner = embedded_backend(bundle, threads) if not variants else OrtBackend(bundle, intra_op_threads=threads,
-                                                                                  variants=variants)
+        inner = embedded_backend(bundle, threads, variants)
     else:
         import torch
 

@@ -71,10 +71,18 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline", default="background", choices=("background", "render"))
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedulers", default=",".join(SCHEDULERS), help="comma-separated, of " + ",".join(SCHEDULERS))
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="step counts to compare with the reference")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="JSON file for the table and the machine")
     args = parser.parse_args(argv)
-    table = sweep(args.bundle, args.pipeline, image_size=args.image_size, seed=args.seed, threads=args.threads)
+    schedulers = [name for name in args.schedulers.split(",") if name]
+    unknown = sorted(set(schedulers) - set(SCHEDULERS))
+    if unknown:
+        parser.error(f"--schedulers: unknown {', '.join(unknown)}; expected some of {', '.join(SCHEDULERS)}")
+    steps = tuple(int(count) for count in args.steps.split(","))
+    table = sweep(args.bundle, args.pipeline, schedulers, steps, image_size=args.image_size, seed=args.seed,
+                  threads=args.threads)
     print(markdown(table))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

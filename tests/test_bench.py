@@ -169,3 +169,18 @@ def test_cache_step_costs_time_the_three_graphs_on_the_same_inputs(tiny_bundle, 
     assert result["shallow_over_plain"] > 0 and result["deep_over_plain"] > 0
     assert cache_curve.main(["--bundle", str(tiny_bundle), "--step-costs", "bg_unet", "--size", "256", "--rounds", "1"]) == 0
     assert "shallow / bg_unet:" in capsys.readouterr().out
+
+
+def test_step_sweep_and_cache_curve_clis_name_what_they_run(tiny_bundle, tmp_path, capsys):
+    from posterrt.benchmarks import cache_curve, step_sweep
+
+    with pytest.raises(SystemExit):
+        step_sweep.main(["--bundle", str(tiny_bundle), "--schedulers", "ddim,bogus"])
+    assert "--schedulers: unknown bogus" in capsys.readouterr().err
+    out = tmp_path / "sweep.json"
+    assert step_sweep.main(["--bundle", str(tiny_bundle), "--schedulers", "euler", "--steps", "2", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["table"]) == {"euler"}
+    out = tmp_path / "curve.json"
+    assert cache_curve.main(["--bundle", str(tiny_bundle), "--intervals", "1,3", "--steps", "3", "--rounds", "1",
+                             "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["table"]) == {"1", "3"}
