@@ -55,11 +55,25 @@ def open_side(bundle: Bundle, side: str, threads: int, variants: dict | None = N
     return TimedBackend(inner, server_loops=False)
 
 
+def covered_seconds(spans: list[tuple[float, float]]) -> float:
+    """Wall time covered by ``(start, seconds)`` spans: overlapping calls count once (the pipelines run a
+    request's independent prologue calls side by side, ``diffusion.run_side_by_side``)."""
+    covered, reach = 0.0, float("-inf")
+    for start, seconds in sorted(spans):
+        end = start + seconds
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
 def breakdown(backend: TimedBackend, result, wall_s: float) -> dict:
-    """Seconds per part (module doc) of one pipeline run whose model calls ``backend`` recorded."""
-    parts = dict.fromkeys(PARTS, 0.0)
-    for model, _, seconds in backend.calls:
-        parts[ROLE_PART[backend.contract(model).role]] += seconds
+    """Seconds per part (module doc) of one pipeline run whose model calls ``backend`` recorded: the
+    wall time that calls of each role cover, so calls that overlap are not counted twice."""
+    spans = {part: [] for part in PARTS}
+    for model, started, seconds in backend.calls:
+        spans[ROLE_PART[backend.contract(model).role]].append((started, seconds))
+    parts = {part: covered_seconds(spans[part]) for part in PARTS}
     parts["composition"] = float(result.timings.get("compose", 0.0))
     parts["other"] = max(0.0, wall_s - sum(parts.values()))
     return {"total": wall_s, **parts}

@@ -184,3 +184,10 @@ def test_step_sweep_and_cache_curve_clis_name_what_they_run(tiny_bundle, tmp_pat
     assert cache_curve.main(["--bundle", str(tiny_bundle), "--intervals", "1,3", "--steps", "3", "--rounds", "1",
                              "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["table"]) == {"1", "3"}
+
+
+def test_e2e_counts_overlapping_calls_once():
+    from posterrt.benchmarks.e2e import covered_seconds
+
+    assert covered_seconds([(0.0, 2.0), (1.0, 2.0), (5.0, 1.0), (5.5, 0.2)]) == pytest.approx(4.0)
+    assert covered_seconds([]) == 0.0
