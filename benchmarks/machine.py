@@ -59,7 +59,26 @@ def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> dict:
         peak["bf16_gflops_torch"] = 2 * size ** 3 / best / 1e9
     except ImportError:
         pass
+    peak["int8_gops_onnxruntime"] = _int8_gemm_gops(a, b, repeats)
     return peak
+
+
+def _int8_gemm_gops(a: np.ndarray, b: np.ndarray, repeats: int) -> float:
+    """uint8 x int8 -> int32 GEMM (``MatMulInteger``) in ONNX Runtime: the kernel family (MLAS, VNNI where
+    the CPU has it) the int8 variants' QLinearConv / QLinearMatMul run on, so the ceiling they can reach."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, list(a.shape)),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, list(b.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [a.shape[0], b.shape[1]])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"a": np.clip(a * 40 + 128, 0, 255).astype(np.uint8), "b": np.clip(b * 40, -127, 127).astype(np.int8)}
+    session.run(None, feeds)
+    best = min(_time(lambda: session.run(None, feeds)) for _ in range(repeats))
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e9
 
 
 def _time(fn) -> float:

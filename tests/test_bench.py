@@ -191,3 +191,10 @@ def test_e2e_counts_overlapping_calls_once():
 
     assert covered_seconds([(0.0, 2.0), (1.0, 2.0), (5.0, 1.0), (5.5, 0.2)]) == pytest.approx(4.0)
     assert covered_seconds([]) == 0.0
+
+
+def test_machine_peak_includes_the_int8_gemm_the_int8_variants_run_on():
+    from posterrt.benchmarks.machine import gemm_peak_gflops
+
+    peak = gemm_peak_gflops(size=256, repeats=1)
+    assert peak["fp32_gflops"] > 0 and peak["int8_gops_onnxruntime"] > 0
