@@ -9,7 +9,7 @@ Candidates (those whose prerequisites exist):
   torch-bf16-weights    a bf16 copy of the module, bf16 inputs (torch's fastest bf16 form here)
   ort-fp32              the exported ONNX, ONNX Runtime CPU, default optimizations
   ort-<variant>         each ONNX Runtime variant ``posterrt engines optimize`` registered
-  openvino-<precision>  each OpenVINO IR variant registered (openvino-fp32, openvino-bf16)
+  openvino-<variant>    each OpenVINO IR variant registered (openvino-fp32, openvino-bf16, openvino-int8)
   ort-int8-iobinding    int8 with IO binding: inputs bound once, the output into a preallocated buffer
   ort-int8-nospin       int8 with the thread pool's spin-waiting off (matters when cores are shared)
 

@@ -1,5 +1,6 @@
 """OpenVINO variants on the tiny preset: the IR is written only after the gates, keeps export parity
-at f32, runs at bf16 when it says so, and the embedded backend serves it like any other variant."""
+at f32, runs at bf16 when it says so, the embedded backend serves it like any other variant, and
+NNCF's int8 IR is quantized as documented and judged by the same gates."""
 from __future__ import annotations
 
 import json
@@ -16,11 +17,12 @@ if importlib.util.find_spec("openvino") is None:
     pytest.skip("the openvino extra is not installed", allow_module_level=True)
 
 from posterrt.engines import ort_optimize
-from posterrt.engines.quality_gate import EXACT
+from posterrt.engines import quality_gate
+from posterrt.engines.quality_gate import APPROXIMATE, EXACT
 from posterrt.runtime.backends.onnxruntime import OrtBackend
 from posterrt.runtime.backends.openvino import PRECISION_KEY, OpenVinoSession, import_openvino, ir_precision, write_ir
 from posterrt.runtime.bundle import MANIFEST, Bundle
-from posterrt.runtime.errors import BundleError, InputError
+from posterrt.runtime.errors import BundleError, InputError, ParityError
 from posterrt.runtime.samples import default_sizes, sample_inputs
 
 MODEL = "bg_unet"
@@ -41,6 +43,16 @@ def fp32_variant(bundle_dir):
 @pytest.fixture(scope="module")
 def bf16_variant(bundle_dir):
     return ort_optimize.optimize_bundle(bundle_dir, "openvino-bf16", [MODEL], progress=lambda _: None)[MODEL]
+
+
+@pytest.fixture(scope="module")
+def int8_ir(bundle_dir, tmp_path_factory):
+    """The NNCF int8 IR as the builder writes it, before any gate (see the refusal test)."""
+    if importlib.util.find_spec("nncf") is None:
+        pytest.skip("nncf (the engines extra) is not installed")
+    target = tmp_path_factory.mktemp("openvino-int8") / f"{MODEL}.openvino-int8.xml"
+    report = ort_optimize.build_variant(Bundle(bundle_dir), MODEL, "openvino-int8", target)
+    return target, report
 
 
 def _ort(path):
@@ -148,3 +160,78 @@ def test_openvino_is_imported_without_its_telemetry(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert not (tmp_path / "intel").exists()  # no telemetry client id was written
+
+
+def _feeders(operation) -> list[str]:
+    """The op types feeding each input of ``operation``, looking through reshapes / transposes."""
+    types = []
+    for index in range(operation.get_input_size()):
+        node = operation.input_value(index).get_node()
+        while node.get_type_name() in ("Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        types.append(node.get_type_name())
+    return types
+
+
+def test_int8_ir_is_quantized_with_int8_weights_and_float_probabilities(bundle_dir, int8_ir, tmp_path):
+    path, report = int8_ir
+    ov = import_openvino()
+    model = ov.Core().read_model(str(path))
+    assert ir_precision(model) == "f32" and report["inference_precision"] == "f32"
+    operations = list(model.get_ops())
+    assert report["fake_quantize"] == [op.get_type_name() for op in operations].count("FakeQuantize") > 10
+    int8_constants = [op for op in operations if op.get_type_name() == "Constant"
+                      and op.get_element_type().get_type_name() == "i8"]
+    assert len(int8_constants) == report["int8_weights"] > 10
+    matmuls = [op for op in operations if op.get_type_name() == "MatMul"]
+    probabilities = [op for op in matmuls if "Softmax" in _feeders(op)]
+    scores = [op for op in matmuls if _feeders(op) == ["FakeQuantize", "FakeQuantize"]]
+    # every attention: its scores quantized on both inputs, its probabilities x values left float
+    assert probabilities and len(scores) == len(probabilities)
+    assert all("FakeQuantize" not in _feeders(op) for op in probabilities)
+    convolutions = [op for op in operations if op.get_type_name() == "Convolution"]
+    assert sum("FakeQuantize" in _feeders(op) for op in convolutions) >= len(convolutions) - 1
+    # the weights are stored as int8 on disk: well under half the fp32 IR's weight file
+    write_ir(Bundle(bundle_dir).model_path(MODEL), tmp_path / "fp32.xml", "f32")
+    assert path.with_suffix(".bin").stat().st_size < 0.5 * (tmp_path / "fp32.bin").stat().st_size
+    assert report["calibration_inputs"] > 0 and report["smooth_quant"] is False
+
+
+def test_int8_ir_passes_the_model_gate_and_really_is_reduced_precision(bundle_dir, int8_ir):
+    """The model-level gate (per-step noise error, latent and image after the variant's own loop)
+    with the approximate tolerances; the per-step error sits far above fp32's (~1e-6)."""
+    path, _ = int8_ir
+    gate = quality_gate.run_gate(Bundle(bundle_dir), MODEL, path, APPROXIMATE)
+    assert gate["passed"], gate["failures"]
+    assert gate["figures"]["noise_rel_rms"] > 1e-2
+    assert gate["figures"]["image_psnr_db"] >= APPROXIMATE.image_psnr_db
+
+
+def test_int8_of_the_tiny_unet_is_refused_by_the_background_pipeline(bundle_dir, int8_ir):
+    """As static ``int8`` is: the tiny random-weight bg_unet in NNCF int8 passes the model-level gate
+    (above) but a background request of the pipeline gate lands under 30 dB; nothing is written."""
+    before = (bundle_dir / MANIFEST).read_text()
+    with pytest.raises(ParityError, match=r"bg_unet openvino-int8: accuracy gate failed: background: PSNR [\d.]+ dB < 30 dB"):
+        ort_optimize.optimize_bundle(bundle_dir, "openvino-int8", [MODEL], progress=lambda _: None)
+    assert (bundle_dir / MANIFEST).read_text() == before
+    assert not list(bundle_dir.glob(f"{MODEL}.openvino-int8.*"))
+    assert not [p for p in bundle_dir.iterdir() if "staging" in p.name]
+
+
+def test_nncf_is_imported_without_its_telemetry(tmp_path):
+    """NNCF reports to Google Analytics through openvino_telemetry; posterrt's import gives it its stub."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("nncf") is None:
+        pytest.skip("nncf (the engines extra) is not installed")
+    code = ("import sys; from posterrt.engines.ort_optimize import import_nncf; import_nncf(); "
+            "from nncf.telemetry.wrapper import NNCFTelemetry, telemetry; "
+            "print(sys.modules.get('openvino_telemetry') is not None, isinstance(telemetry, NNCFTelemetry))")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for name in ("CI", "NNCF_CI", "NNCF_DEV"):  # each would quiet NNCF anyway: test the developer's case
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+    assert not (tmp_path / "intel").exists()

@@ -1,5 +1,7 @@
 """OpenVINO as a second CPU engine of the embedded backend, for the variants ``posterrt engines
-optimize`` writes as OpenVINO IR (``<model>.openvino-fp32.xml`` / ``.openvino-bf16.xml``).
+optimize`` writes as OpenVINO IR (``<model>.openvino-fp32.xml``, ``.openvino-bf16.xml``,
+``.openvino-int8.xml``: NNCF's quantized IR, whose int8 operations carry their own quantization and
+whose float remainder runs at the IR's precision).
 
 Why a second engine: on this CPU family (AVX-512 with bf16) OpenVINO runs a UNet step in bf16,
 which ONNX Runtime's CPU provider cannot (it has no bf16 Conv or MatMul kernels), and its fp32
@@ -95,17 +97,25 @@ def ir_precision(model) -> str:
     return precision
 
 
-def write_ir(onnx_path: str | Path, target: str | Path, precision: str) -> dict:
-    """Convert an ONNX file into an OpenVINO IR at ``target`` (``.xml`` + ``.bin``) that runs at
-    ``precision``. Weights are stored fp32 (OpenVINO's default would compress them to fp16, which
-    would make even the f32 variant approximate)."""
+def read_onnx(onnx_path: str | Path):
+    """An ONNX file as an OpenVINO model, through Core.read_model (the runtime's ONNX reader), not
+    ov.convert_model: the converter reports usage to Intel's telemetry service, and nothing of
+    posterrt reaches off the machine."""
+    return import_openvino().Core().read_model(str(onnx_path))
+
+
+def save_ir(model, target: str | Path, precision: str) -> dict:
+    """Write ``model`` as an IR at ``target`` (``.xml`` + ``.bin``) marked to run at ``precision``.
+    Float weights are stored as they are in the model (OpenVINO's default would compress them to
+    fp16, which would make even the f32 variant approximate); int8 weights stay int8."""
     if precision not in PRECISIONS:
         raise InputError(f"precision: got {precision!r}, expected one of {PRECISIONS}")
     ov = import_openvino()
-    # Core.read_model (the runtime's ONNX reader), not ov.convert_model: the converter reports usage
-    # to Intel's telemetry service, and nothing of posterrt reaches off the machine.
-    model = ov.Core().read_model(str(onnx_path))
     model.set_rt_info(precision, PRECISION_KEY)
     ov.save_model(model, str(target), compress_to_fp16=False)
-    return {"engine": "openvino", "openvino_version": ov.get_version(), "inference_precision": precision,
-            "weights": "fp32"}
+    return {"engine": "openvino", "openvino_version": ov.get_version(), "inference_precision": precision}
+
+
+def write_ir(onnx_path: str | Path, target: str | Path, precision: str) -> dict:
+    """Convert an ONNX file into an OpenVINO IR at ``target`` that runs at ``precision``, with fp32 weights."""
+    return {**save_ir(read_onnx(onnx_path), target, precision), "weights": "fp32"}
