@@ -8,28 +8,17 @@ import time
 
 import numpy as np
 
+from posterrt.runtime.cpu_variants import cpu_flags as all_cpu_flags, cpuinfo_value, detect_cpu
+
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo_value("model name") or platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
-    except OSError:
-        pass
-    return []
+    """The flags that decide the speed of these benches' kernels (the runtime reads the same ones
+    to pick a bundle's default CPU variants: runtime/cpu_variants.py)."""
+    return sorted(f for f in all_cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma")))
 
 
 def library_versions() -> dict:
@@ -88,7 +77,7 @@ def _time(fn) -> float:
 
 
 def describe(measure_peak: bool = True) -> dict:
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "cpu_kind": detect_cpu().name,
             "platform": platform.platform(), "libraries": library_versions()}
     if measure_peak:
         info["peak"] = gemm_peak_gflops()

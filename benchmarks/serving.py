@@ -104,10 +104,11 @@ class TimedBackend(Backend):
 def embedded_backend(bundle: Bundle, threads: int, variants: dict | None = None) -> Backend:
     """ONNX Runtime in-process with the server's settings: ``threads`` intra-op threads, no spinning
     (model.py's default), the bundle's ``variants`` named (``{model: variant}``; none: the exported
-    files). With ORT's own default (a spinning thread per core) the baseline would measure a
-    different thread policy, not serving: on this shared 2-core machine spinning made bg_unet 1.6x
-    slower per call (bench_ort_settings)."""
-    backend = open_backend(bundle, None, intra_op_threads=threads, variants=variants)
+    files, never this CPU's default variants: a bench names what it measures). With ORT's own
+    default (a spinning thread per core) the baseline would measure a different thread policy, not
+    serving: on this shared 2-core machine spinning made bg_unet 1.6x slower per call
+    (bench_ort_settings)."""
+    backend = open_backend(bundle, None, intra_op_threads=threads, variants=dict(variants or {}))
     backend.options_template.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return backend
 

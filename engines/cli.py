@@ -1,10 +1,11 @@
-"""`posterrt engines {build,clean,refit,show,optimize,cache-interval}`: arguments here; TensorRT is imported only by build/refit."""
+"""`posterrt engines {build,clean,refit,show,optimize,variants,cache-interval}`: arguments here; TensorRT is imported only by build/refit."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from posterrt.runtime.contracts import MODEL_NAMES, parse_model_list
+from posterrt.runtime.cpu_variants import CPU_KINDS
 from posterrt.runtime.errors import ParityError
 
 from .ort_optimize import VARIANTS as CPU_VARIANTS
@@ -62,6 +63,12 @@ def add_arguments(parser):
     optimize.add_argument("--models", default="bg_unet,render_unet", help="comma-separated (default bg_unet,render_unet)")
     optimize.add_argument("--out", type=Path, help="also write the build and gate reports there as optimize-VARIANT.json")
 
+    variants = sub.add_parser("variants", help="this CPU's kind (from its flags), a bundle's CPU variants and the one "
+                                                "posterrt runs by default for each model")
+    variants.add_argument("--bundle", required=True, type=Path, help="bundle folder written by `posterrt export`")
+    variants.add_argument("--cpu", choices=[kind.name for kind in CPU_KINDS],
+                          help="show the picks for this CPU kind instead of this machine's")
+
     cache = sub.add_parser("cache-interval", help="make a UNet feature-cache interval the bundle's default, if cached "
                                                   "output passes the gate against uncached output")
     cache.add_argument("--bundle", required=True, type=Path,
@@ -75,7 +82,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     return {"build": _build, "clean": _clean, "refit": _refit, "show": _show, "optimize": _optimize,
-            "cache-interval": _cache_interval}[args.action](args)
+            "variants": _variants, "cache-interval": _cache_interval}[args.action](args)
 
 
 def _build(args) -> int:
@@ -167,6 +174,40 @@ def _optimize(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"optimize-{args.variant}.json").write_text(json.dumps(entries, indent=2, sort_keys=True))
     return 0
+
+
+def _variants(args) -> int:
+    from posterrt.runtime.bundle import Bundle
+    from posterrt.runtime.cpu_variants import cpu_flags, cpu_kind, default_variants, detect_cpu
+
+    bundle = Bundle(args.bundle)
+    flags = cpu_flags()
+    here = detect_cpu(flags)
+    cpu = cpu_kind(args.cpu) if args.cpu else here
+    seen = ", ".join(sorted(flags & {flag for kind in CPU_KINDS for flag in kind.needs})) or "none of them"
+    print(f"this CPU: kind {here.name} (flags posterrt reads: {seen})")
+    print(f"{'picks for' if args.cpu else 'order of'} kind {cpu.name}: {' > '.join(cpu.order)} ({cpu.basis}"
+          + (f"; benchmarks/RESULTS.md: {' > '.join(cpu.results_sections)}" if cpu.results_sections else "") + ")")
+    picks = default_variants(bundle, cpu)
+    for model in bundle.models:
+        registered = bundle.variants(model)
+        if not registered:
+            continue
+        states = [f"{variant} ({_variant_state(bundle, model, variant, cpu)})" for variant in sorted(registered)]
+        print(f"{model:18s} default {picks.get(model, 'none (exported fp32)'):20s} registered: {', '.join(states)}")
+    if not any(bundle.variants(model) for model in bundle.models):
+        print(f"bundle {bundle.root} has no CPU variants: every model runs its exported fp32 file "
+              f"(build them with `posterrt engines optimize`)")
+    return 0
+
+
+def _variant_state(bundle, model: str, variant: str, cpu) -> str:
+    from posterrt.runtime.cpu_variants import why_not
+
+    reason = why_not(bundle, model, variant)
+    if reason:
+        return reason
+    return "gated" if variant in cpu.order else f"gated; never a default on kind {cpu.name}"
 
 
 def _cache_interval(args) -> int:

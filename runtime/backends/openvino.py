@@ -17,6 +17,7 @@ request runs one inference at a time; the compiled model is shared).
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 from pathlib import Path
@@ -33,6 +34,13 @@ PRECISIONS = ("f32", "bf16")
 
 def is_openvino_ir(path: str | Path) -> bool:
     return Path(path).suffix == IR_SUFFIX
+
+
+def openvino_installed() -> bool:
+    """Whether ``openvino`` can be imported here (without importing it: that takes seconds)."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"] is not None  # None: made unimportable on purpose
+    return importlib.util.find_spec("openvino") is not None
 
 
 def import_openvino():

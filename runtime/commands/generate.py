@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-from ..contracts import parse_variant_list
 from ..errors import InputError
 from ..images import check_out_folder, load_product, load_rgb, load_rgba
 from ..pipelines import PIPELINES, needs_product_mask
@@ -52,9 +51,11 @@ def add_arguments(parser) -> None:
                         help="Triton server URL(s), http://HOST:8000 or grpc://HOST:8001, comma-separated for "
                              "several; default: embedded ONNX Runtime")
     parser.add_argument("--threads", default=None, help="ONNX Runtime intra-op threads (default: one per core)")
-    parser.add_argument("--variants", default=None, metavar="MODEL=VARIANT,...",
+    parser.add_argument("--variants", default=None, metavar="MODEL=VARIANT,...|none",
                         help="embedded backend: run these models' gated variants from `posterrt engines optimize` "
-                             "(e.g. bg_unet=openvino-bf16,render_unet=openvino-bf16)")
+                             "(e.g. bg_unet=openvino-bf16,render_unet=openvino-bf16), or `none` for the exported "
+                             "fp32 files (default: the fastest gated variant of each model for this CPU's kind; "
+                             "`posterrt engines variants` shows it)")
     parser.add_argument("--no-refine", action="store_true",
                         help="draw the layout model's boxes as proposed, without refinement (texts may then overlap "
                              "each other or the product; for studying the model)")
@@ -116,15 +117,21 @@ def build_request(args) -> PosterRequest:
     return request.validate()
 
 
-def make_backend(bundle, url: str | None, threads: int | None, variants: dict | None = None):
-    """Embedded ONNX Runtime by default; Triton server(s) when --backend names http:// or grpc:// URLs."""
+def make_backend(bundle, url: str | None, threads: int | None, variants: str | None = None):
+    """Embedded ONNX Runtime by default, with ``variants`` (the --variants text) chosen by
+    ``cpu_variants.choose_variants`` and said in one line; Triton server(s) when --backend names
+    http:// or grpc:// URLs."""
     from ..backends import EMBEDDED, open_backend
+    from ..cpu_variants import choose_variants
 
     if url in EMBEDDED:
-        return open_backend(bundle, url, intra_op_threads=threads, variants=variants)
+        choice = choose_variants(bundle, variants)
+        backend = open_backend(bundle, url, intra_op_threads=threads, variants=choice.variants)
+        print(choice.line(), flush=True)  # after the backend accepted them (an unknown variant fails first)
+        return backend
     if threads is not None:
         raise InputError(f"--threads: sets ONNX Runtime's thread pool and has no effect with --backend {url!r}")
-    if variants:
+    if variants is not None:
         raise InputError(f"--variants: chooses the models the embedded backend loads; with --backend {url!r} the "
                          f"server serves what its repository holds (`posterrt repo build --variants`)")
     return open_backend(bundle, url)
@@ -178,7 +185,7 @@ def run(args) -> int:
         raise InputError(f"--bundle: not given, and no bundle at the default {default_bundle_dir()}; run "
                          f"`posterrt demo` once to build the tiny one there, or pass --bundle DIR")
     bundle = Bundle(args.bundle or default_bundle_dir())
-    with make_backend(bundle, args.backend, threads, parse_variant_list(args.variants)) as backend, StageBars() as bars:
+    with make_backend(bundle, args.backend, threads, args.variants) as backend, StageBars() as bars:
         pipeline = build_pipeline(args.pipeline, backend, progress=not args.quiet)
         # Ctrl-C stops the request where it is: a server stage's stream is cancelled on the way out
         with controlled(RunControl(None if args.quiet else bars, timeout=timeout)):

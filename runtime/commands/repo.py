@@ -33,11 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--out", default="model_repository", help="repository folder (default: model_repository)")
     build.add_argument("--models", help="comma-separated models (default: every model of the bundle)")
     build.add_argument("--engines", help="folder of TensorRT plans from `posterrt engines build` (gpu-trt)")
-    build.add_argument("--variants", metavar="MODEL=VARIANT,...",
+    build.add_argument("--variants", metavar="MODEL=VARIANT,...|none",
                        help="cpu flavor: serve these optimized variants from `posterrt engines optimize` instead of "
                             "the exported fp32 files, e.g. bg_unet=openvino-bf16,render_unet=int8 (ONNX variants run "
                             "on ONNX Runtime, openvino-* on OpenVINO, which must be installed in the server's Python); "
-                            "every listed model must be written by this build")
+                            "every listed model must be written by this build; `none`: the exported fp32 files "
+                            "(default: the fastest gated variant of each model for THIS machine's CPU kind, so build "
+                            "on the kind of CPU that will serve, or name them)")
     batching = build.add_mutually_exclusive_group()
     batching.add_argument("--dynamic-batching", dest="dynamic_batching", action="store_true", default=None,
                           help="force dynamic batching on for every model (default: on for step and prologue models)")
@@ -94,15 +96,14 @@ def run(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
-    from ..contracts import parse_variant_list
+    from ..cpu_variants import choose_variants
     from ..triton.model_config import ServingOptions
     from ..server_stages import SERVER_STAGES
     from ..server_stages.unet import MODEL_CALL_PARAMETER as UNET_CALL_PARAMETER
-    from ..triton.repository import build_repository, write_client_bundle
+    from ..triton.repository import build_repository, served_models, write_client_bundle
 
     if args.engines and args.flavor != "gpu-trt":
         raise InputError(f"--engines: only the gpu-trt flavor uses TensorRT plans, got --flavor {args.flavor}")
-    variants = parse_variant_list(args.variants)
     bundle = Bundle(args.bundle)
     models = None
     if args.models:
@@ -122,7 +123,15 @@ def build(args: argparse.Namespace) -> int:
         gpu_accelerator=args.accelerator, trt_precision=args.precision,
         max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * 1e6),
         server_loops=args.server_loops, extra_parameters=extra)
-    report = build_repository(bundle, args.out, options, models=models, engines=args.engines, variants=variants)
+    choice = None
+    if args.flavor == "cpu" or args.variants is not None:  # the GPU flavors refuse explicit variants
+        served = served_models(bundle, options, models)
+        choice = choose_variants(bundle, args.variants, models=served,
+                                 onnx_only=[model for model, onnx_only in served.items() if onnx_only])
+    report = build_repository(bundle, args.out, options, models=models, engines=args.engines,
+                              variants=choice.variants if choice else None)
+    if choice:
+        print(choice.line())
     for model in report.models:
         print(f"{model.name:20s} {'ok' if model.ready else 'PLAN MISSING'}  {model.folder}{_served(model)}")
         if model.note:

@@ -289,6 +289,18 @@ def stage_models() -> dict[str, tuple[str, ...]]:
     return {name: stage.models for name, stage in SERVER_STAGES.items()}
 
 
+def served_models(bundle: Bundle, options: ServingOptions, models: list[str] | None = None) -> dict[str, bool]:
+    """``{bundle model: ONNX only}`` for a build of ``models``: the models it writes and those its
+    server stages drive; True where a stage that runs ONNX Runtime only drives the model (an
+    OpenVINO variant of it would cost that stage)."""
+    loops = server_stages_for(bundle, options, models)
+    served = {m: False for m in (bundle.models if models is None else models) if m not in loops}
+    for loop in loops:
+        for model in SERVER_STAGES[loop].models:
+            served[model] = served.get(model, False) or SERVER_STAGES[loop].onnx_only
+    return served
+
+
 def server_stages_for(bundle: Bundle, options: ServingOptions, models: list[str] | None) -> list[str]:
     """The server stages to write: on the cpu flavor, when the whole bundle is served (or a stage
     is named in ``models``) and the bundle has the models and settings the stage runs."""
@@ -339,7 +351,7 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
         raise BundleError(f"bundle {bundle.root} has no models to serve")
     bundle.require(names)
     variants = dict(variants or {})
-    _check_variants(bundle, options, names + [m for loop in loops for m in SERVER_STAGES[loop].models], variants)
+    _check_variants(bundle, options, list(served_models(bundle, options, models)), variants)
     notes = []
     for name in list(loops):
         stage = SERVER_STAGES[name]
