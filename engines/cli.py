@@ -60,7 +60,10 @@ def add_arguments(parser):
                           help="bundle folder written by `posterrt export`; the variants are added to it")
     optimize.add_argument("--variant", required=True, choices=CPU_VARIANTS,
                           help="the variant to build and gate (docs/engines.md compares them)")
-    optimize.add_argument("--models", default="bg_unet,render_unet", help="comma-separated (default bg_unet,render_unet)")
+    optimize.add_argument("--models", default="bg_unet,render_unet",
+                          help="comma-separated (default bg_unet,render_unet); a UNet brings its feature-cache steps "
+                               "(<unet>_deep, <unet>_shallow) when the bundle has them; naming one of those builds "
+                               "the pair alone")
     optimize.add_argument("--out", type=Path, help="also write the build and gate reports there as optimize-VARIANT.json")
 
     variants = sub.add_parser("variants", help="this CPU's kind (from its flags), a bundle's CPU variants and the one "
@@ -168,8 +171,11 @@ def _optimize(args) -> int:
     for name, entry in entries.items():
         figures = entry["gate"]["figures"]
         psnr = figures.get("image_psnr_db", figures.get("latent_psnr_db"))
+        cached = entry.get("cached_loop_gate", {}).get("figures", {})
         print(f"{name:18s} {args.variant}  {entry['bytes'] / 1e6:8.1f} MB  noise rel RMS {figures['noise_rel_rms']:.1e}"
-              + (f"  PSNR {psnr:.1f} dB" if psnr is not None else "") + f"  {args.bundle / entry['file']}")
+              + (f"  PSNR {psnr:.1f} dB" if psnr is not None else "")
+              + (f"  cached loop (interval {cached['cache_interval']}) PSNR {cached['image_psnr_db']:.1f} dB"
+                 if "image_psnr_db" in cached else "") + f"  {args.bundle / entry['file']}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"optimize-{args.variant}.json").write_text(json.dumps(entries, indent=2, sort_keys=True))
@@ -179,6 +185,7 @@ def _optimize(args) -> int:
 def _variants(args) -> int:
     from posterrt.runtime.bundle import Bundle
     from posterrt.runtime.cpu_variants import cpu_flags, cpu_kind, default_variants, detect_cpu
+    from posterrt.runtime.families import cached_step_of
 
     bundle = Bundle(args.bundle)
     flags = cpu_flags()
@@ -193,8 +200,10 @@ def _variants(args) -> int:
         registered = bundle.variants(model)
         if not registered:
             continue
+        unet = cached_step_of(model)  # a cached step runs its UNet's pick
+        pick = picks.get(unet or model, "none (exported fp32)") + (f" (as {unet})" if unet else "")
         states = [f"{variant} ({_variant_state(bundle, model, variant, cpu)})" for variant in sorted(registered)]
-        print(f"{model:18s} default {picks.get(model, 'none (exported fp32)'):20s} registered: {', '.join(states)}")
+        print(f"{model:18s} default {pick:20s} registered: {', '.join(states)}")
     if not any(bundle.variants(model) for model in bundle.models):
         print(f"bundle {bundle.root} has no CPU variants: every model runs its exported fp32 file "
               f"(build them with `posterrt engines optimize`)")

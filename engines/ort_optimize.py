@@ -4,7 +4,9 @@ A variant is written beside the model as ``<model>.<variant>.onnx`` with an entr
 manifest (``manifest["variants"][model][variant]``: file, sha256, the sha256 of the fp32 model it
 was made from, the build settings and the quality-gate report). ``Bundle.model_path(model,
 variant=...)`` and ``OrtBackend(variants=...)`` select it. A variant that fails the gate is never
-written: :func:`optimize_bundle` raises ParityError naming the failed checks.
+written: :func:`optimize_bundle` raises ParityError naming the failed checks. A UNet's variant also
+covers its feature-cache graphs (``<unet>_deep``, ``<unet>_shallow``): built, gated as a pair and
+registered beside it (:func:`build_order`), so a request that caches runs the same variant.
 
 Variants:
 
@@ -45,6 +47,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,7 @@ import onnx
 
 from posterrt.runtime.bundle import MANIFEST, Bundle, sha256_file
 from posterrt.runtime.errors import BackendError, InputError
+from posterrt.runtime.families import cached_step_of, cached_steps, unet_families
 
 from . import quality_gate
 from .quality_gate import APPROXIMATE, EXACT, Tolerances
@@ -442,52 +446,135 @@ def build_variant(bundle: Bundle, model: str, variant: str, target: Path, gate_o
 
 
 def _calibration(bundle: Bundle, model: str, gate_options: dict | None) -> list[dict]:
-    """Calibration inputs from the fp32 model's own loops; its session is released on return, before
-    the quantizer loads its own copies (two paper UNets at once would not fit in memory)."""
-    reference = quality_gate.ort_step(bundle.model_path(model), bundle.contract(model))
+    """Calibration inputs from the fp32 model's own loops (a cached step's: its fp32 deep step's loops,
+    see :func:`quality_gate.cached_step_calibration`); the session is released on return, before the
+    quantizer loads its own copies (two paper UNets at once would not fit in memory)."""
     options = {k: v for k, v in (gate_options or {}).items() if k in ("steps", "image_size")}
-    inputs = quality_gate.calibration_inputs(reference, bundle, model, **options)
-    del reference
+    if cached_step_of(model) is not None:
+        inputs = quality_gate.cached_step_calibration(bundle, model, **options)
+    else:
+        reference = quality_gate.ort_step(bundle.model_path(model), bundle.contract(model))
+        inputs = quality_gate.calibration_inputs(reference, bundle, model, **options)
+        del reference
     gc.collect()
     return inputs
 
 
+def build_order(bundle: Bundle, models: list[str]) -> list[tuple[str, ...]]:
+    """What ``optimize_bundle`` builds for ``models``, in order, each group registered together.
+
+    A UNet with feature-cache graphs in the bundle brings them as a pair after itself: serving the
+    UNet's variant with ``cache_interval`` > 1 runs the pair's variant (Bundle.variant_for), never an
+    fp32 pair beside a reduced-precision plain step. Naming a cached step (either one) builds the pair
+    alone, without rebuilding the plain step's variant."""
+    order: list[tuple[str, ...]] = []
+    for model in models:
+        unet = cached_step_of(model)
+        if unet is None:
+            order.append((model,))
+            pair = cached_steps(model) if model in unet_families() and unet_families()[model].cached_steps else ()
+            if pair and set(pair) <= set(bundle.models):
+                order.append(pair)
+        else:
+            bundle.require([unet, *cached_steps(unet)])  # the pair is gated on the UNet's own step inputs
+            order.append(cached_steps(unet))
+    return list(dict.fromkeys(order))
+
+
 def optimize_bundle(bundle_dir: Path, variant: str, models: list[str], gate_options: dict | None = None,
                     tolerances: Tolerances | None = None, progress=print) -> dict[str, dict]:
-    """Build, gate and register ``variant`` of each model; returns the manifest entries written.
+    """Build, gate and register ``variant`` of each model (and of a UNet's cached steps, see
+    :func:`build_order`); returns the manifest entries written.
 
-    Each model is built in a staging folder inside the bundle and moved in only after its gate
-    passed, so a failed variant leaves no file behind and a model's earlier variants stay valid."""
+    Each model is built in a staging folder inside the bundle and moved in only after its gates
+    passed, so a failed variant leaves no file behind and a model's earlier variants stay valid. A
+    UNet's cached steps pass or fail together: both steps' gates, the cached loop's and the cached
+    pipelines'."""
     check_variant(variant)
     bundle = Bundle(bundle_dir)
     bundle.require(models)
     tolerances = tolerances or VARIANT_GATES[variant]
     written = {}
-    for model in models:
-        staging = Path(bundle_dir) / f".{model}.{variant}.staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            name = variant_file(model, variant)
-            progress(f"{model}: building {variant}")
-            build = build_variant(bundle, model, variant, staging / name, gate_options)
-            progress(f"{model}: quality gate ({'exact' if tolerances == EXACT else 'approximate'} tolerances)")
-            gate = quality_gate.run_gate(bundle, model, staging / name, tolerances, **(gate_options or {}))
-            quality_gate.require_pass(gate, f"{model} {variant}")
-            pipeline_gate = _pipeline_gate(bundle, model, variant, staging / name, tolerances, progress)
-            data_files = [p.name for p in staging.iterdir() if p.name != name]
-            entry = {"file": name, "data_files": data_files, "sha256": sha256_file(staging / name),
-                     "data_sha256": {data: sha256_file(staging / data) for data in data_files},
-                     "source_sha256": bundle.models[model].sha256,
-                     "bytes": sum(p.stat().st_size for p in staging.iterdir()), "build": build, "gate": gate,
-                     "pipeline_gate": pipeline_gate}
-            for path in staging.iterdir():
-                os.replace(path, Path(bundle_dir) / path.name)
-            _register(Path(bundle_dir), model, variant, entry)
-            written[model] = entry
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    for group in build_order(bundle, models):
+        optimize = _optimize_model if len(group) == 1 else _optimize_cached_steps
+        written.update(optimize(bundle, group, variant, tolerances, gate_options or {}, progress))
     return written
+
+
+def _optimize_model(bundle: Bundle, group: tuple[str], variant: str, tolerances: Tolerances, gate_options: dict,
+                    progress) -> dict[str, dict]:
+    (model,) = group
+    with _staging(bundle, group, variant) as files:
+        progress(f"{model}: building {variant}")
+        build = build_variant(bundle, model, variant, files[model], gate_options)
+        progress(f"{model}: quality gate ({_gate_name(tolerances)} tolerances)")
+        gate = quality_gate.run_gate(bundle, model, files[model], tolerances, **gate_options)
+        quality_gate.require_pass(gate, f"{model} {variant}")
+        pipeline_gate = _pipeline_gate(bundle, model, variant, files, tolerances, progress)
+        entries = {model: _entry(bundle, model, files[model], build, gate=gate, pipeline_gate=pipeline_gate)}
+        _move_in(bundle, files, entries, variant)
+    return entries
+
+
+def _optimize_cached_steps(bundle: Bundle, group: tuple[str, str], variant: str, tolerances: Tolerances,
+                           gate_options: dict, progress) -> dict[str, dict]:
+    """A UNet's deep and shallow steps: both built, each gated (the shallow one fed the fp32 deep
+    feature), then the cached loop and the cached pipelines at :data:`quality_gate.GATE_CACHE_INTERVAL`
+    against the fp32 pair; registered together or not at all."""
+    unet, interval = cached_step_of(group[0]), quality_gate.GATE_CACHE_INTERVAL
+    with _staging(bundle, group, variant) as files:
+        builds = {}
+        for model in group:
+            progress(f"{model}: building {variant}")
+            builds[model] = build_variant(bundle, model, variant, files[model], gate_options)
+        progress(f"{' + '.join(group)}: quality gate ({_gate_name(tolerances)} tolerances; each step, then the "
+                 f"cached loop at interval {interval})")
+        gates = quality_gate.run_cached_gate(bundle, unet, files, tolerances, interval, **gate_options)
+        for what, gate in gates.items():
+            quality_gate.require_pass(gate, f"{what if what in group else ' + '.join(group) + ' cached loop'} {variant}")
+        pipeline_gate = _pipeline_gate(bundle, unet, variant, files, tolerances, progress, cache_interval=interval)
+        entries = {model: _entry(bundle, model, files[model], builds[model], gate=gates[model],
+                                 cached_loop_gate=gates["cached_loop"], pipeline_gate=pipeline_gate)
+                   for model in group}
+        _move_in(bundle, files, entries, variant)
+    return entries
+
+
+def _gate_name(tolerances: Tolerances) -> str:
+    return "exact" if tolerances == EXACT else "approximate"
+
+
+@contextmanager
+def _staging(bundle: Bundle, group: tuple[str, ...], variant: str):
+    """{model: the variant's path} in a staging folder inside the bundle (one sub-folder per model, so
+    each model's data files are its own), removed whatever happens."""
+    staging = bundle.root / f".{group[0]}.{variant}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    files = {}
+    for model in group:
+        (staging / model).mkdir(parents=True)
+        files[model] = staging / model / variant_file(model, variant)
+    try:
+        yield files
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _entry(bundle: Bundle, model: str, path: Path, build: dict, **gates) -> dict:
+    """The manifest entry of the variant at ``path`` (its data files: the other files of its folder)."""
+    data_files = sorted(p.name for p in path.parent.iterdir() if p != path)
+    return {"file": path.name, "data_files": data_files, "sha256": sha256_file(path),
+            "data_sha256": {data: sha256_file(path.parent / data) for data in data_files},
+            "source_sha256": bundle.models[model].sha256,
+            "bytes": sum(p.stat().st_size for p in path.parent.iterdir()), "build": build, **gates}
+
+
+def _move_in(bundle: Bundle, files: dict[str, Path], entries: dict[str, dict], variant: str) -> None:
+    """Move the gated files into the bundle, then register them (one manifest write)."""
+    for path in files.values():
+        for staged in path.parent.iterdir():
+            os.replace(staged, bundle.root / staged.name)
+    _register(bundle.root, variant, entries)
 
 
 #: Pipelines that re-read a model's output with another random-weight-sensitive network, whose
@@ -500,10 +587,12 @@ def optimize_bundle(bundle_dir: Path, variant: str, models: list[str], gate_opti
 DOWNSTREAM_RECORDED = {"bg_unet": ("poster",)}
 
 
-def _pipeline_gate(bundle: Bundle, model: str, variant: str, file: Path, tolerances: Tolerances, progress) -> dict:
-    """Whole pipelines (layout boxes and metrics, image PSNR/SSIM) with the variant against the fp32
-    bundle, on the fixed seeded requests of ``runtime.accuracy``, for every pipeline that calls
-    ``model`` and whose models the bundle holds (otherwise recorded as skipped).
+def _pipeline_gate(bundle: Bundle, model: str, variant: str, files: dict[str, Path], tolerances: Tolerances, progress,
+                   cache_interval: int = 1) -> dict:
+    """Whole pipelines (layout boxes and metrics, image PSNR/SSIM) with the variant files (``files``:
+    {model: file}) against the fp32 bundle, on the fixed seeded requests of ``runtime.accuracy``, for
+    every pipeline that calls ``model`` and whose models the bundle holds (otherwise recorded as
+    skipped). ``cache_interval`` > 1 (a UNet's cached steps): both sides' requests cache at it.
 
     Enforced: exact variants (fp32-opt, openvino-fp32) must meet the fp32 thresholds on every
     pipeline; approximate ones (int8, bf16) the reduced-precision thresholds on every pipeline but
@@ -516,10 +605,13 @@ def _pipeline_gate(bundle: Bundle, model: str, variant: str, file: Path, toleran
                  if model in pipeline_models(p) and set(pipeline_models(p)) <= set(bundle.models)]
     if not pipelines:
         return {"skipped": f"the bundle lacks the other models of every pipeline that calls {model}"}
-    progress(f"{model}: pipeline gate ({', '.join(pipelines)})")
+    label, cached = " + ".join(files), f", caching at interval {cache_interval}" if cache_interval > 1 else ""
+    progress(f"{label}: pipeline gate ({', '.join(pipelines)}{cached})")
     exact = tolerances == EXACT
     thresholds = FP32_GATE if exact else REDUCED_PRECISION_GATE
-    report = gate_variant(bundle, variant, thresholds, files={model: file}, pipelines=pipelines)
+    requests = {"candidate_request": {"cache_interval": cache_interval},
+                "reference_request": {"cache_interval": cache_interval}} if cache_interval > 1 else {}
+    report = gate_variant(bundle, variant, thresholds, files=files, pipelines=pipelines, **requests)
     recorded = () if exact else DOWNSTREAM_RECORDED.get(model, ())
     failures = report["gate"]["failures"]
     enforced = [f for f in failures if f.split(":", 1)[0] not in recorded]
@@ -528,16 +620,18 @@ def _pipeline_gate(bundle: Bundle, model: str, variant: str, file: Path, toleran
                           passed=not enforced, failures=enforced,
                           recorded_failures=[f for f in failures if f.split(":", 1)[0] in recorded])
     for failure in report["gate"]["recorded_failures"]:
-        progress(f"{model}: pipeline check (recorded, not enforced for {variant}): {failure}")
-    require_passed(report, f"{model} {variant}")
+        progress(f"{label}: pipeline check (recorded, not enforced for {variant}): {failure}")
+    require_passed(report, f"{label} {variant}")
     return report
 
 
-def _register(bundle_dir: Path, model: str, variant: str, entry: dict) -> None:
-    """Add the entry to the manifest, replaced atomically (a reader sees the old or the new one)."""
+def _register(bundle_dir: Path, variant: str, entries: dict[str, dict]) -> None:
+    """Add the entries ({model: entry}) to the manifest, replaced atomically (a reader sees the old or
+    the new one)."""
     path = bundle_dir / MANIFEST
     manifest = json.loads(path.read_text())
-    manifest.setdefault("variants", {}).setdefault(model, {})[variant] = entry
+    for model, entry in entries.items():
+        manifest.setdefault("variants", {}).setdefault(model, {})[variant] = entry
     temporary = path.with_name(MANIFEST + ".tmp")
     temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_number))
     os.replace(temporary, path)
@@ -548,8 +642,16 @@ def _json_number(value):
 
 
 def _is_big(path: Path) -> bool:
-    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-    return size > EXTERNAL_DATA_BYTES
+    """Whether the graph and the weights it reads pass protobuf's limit. The weights are counted from
+    the graph's external-data records, not from a file beside it: a UNet's shallow step reads its
+    share of its deep step's ``<unet>_deep.onnx.data``."""
+    graph = onnx.load(str(path), load_external_data=False)
+    external = 0
+    for tensor in graph.graph.initializer:
+        if onnx.external_data_helper.uses_external_data(tensor):
+            record = {entry.key: entry.value for entry in tensor.external_data}
+            external += int(record.get("length") or (path.parent / record["location"]).stat().st_size)
+    return path.stat().st_size + external > EXTERNAL_DATA_BYTES
 
 
 def _quiet_onnxruntime_tools() -> None:

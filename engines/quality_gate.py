@@ -14,6 +14,12 @@ What it measures, for a UNet-class step model (``bg_unet``, ``render_unet``):
 * **image PSNR**: both final latents decoded by the bundle's fp32 ``vae_decoder`` (when the bundle
   has one), RGB in 0..1, peak 1: what a user would see.
 
+A UNet's two feature-cache graphs (DeepCache: the deep step, the shallow step that takes the deep
+feature) are judged as a pair (:func:`run_cached_gate`): each step by the figures above, the shallow
+one fed the deep feature the fp32 deep step computes from the same step inputs, and then the cached
+loop itself (the deep step every :data:`GATE_CACHE_INTERVAL` steps, the shallow step on its kept
+feature between) against the fp32 cached loop, by the same figures and tolerances.
+
 Other models get the per-output errors on seeded random inputs (the layout-level checks for RADM
 and PlanNet variants, boxes and layout metrics, are not written yet: no such variant exists).
 
@@ -32,9 +38,9 @@ from typing import Callable, Mapping
 import numpy as np
 
 from posterrt.runtime.bundle import Bundle
-from posterrt.runtime.contracts import ModelContract
+from posterrt.runtime.contracts import DEEP_FEATURE, ModelContract
 from posterrt.runtime.errors import ParityError
-from posterrt.runtime.families import unet_families
+from posterrt.runtime.families import cached_step_of, cached_steps, unet_families
 from posterrt.runtime.samples import default_sizes, sample_inputs
 from posterrt.runtime.schedulers import DDIMScheduler, batch_for_guidance, combine_guidance
 
@@ -44,7 +50,11 @@ GATE_SEEDS = (0,)  # requests the gate judges on
 CALIBRATION_SEED = 1000  # first seed of the calibration requests (never a gate seed)
 GATE_STEPS = 6  # DDIM steps of the gate's loop: early (noisy) to late (clean) timesteps
 GATE_IMAGE_SIZE = 256  # 32x32 latent, as the issue's baseline step
+#: The feature-cache interval of the cached-loop check: of the gate's 6 steps, 2 deep and 4 shallow
+#: (the shallow steps then see a feature one and two steps old, as they do at this interval in use).
+GATE_CACHE_INTERVAL = 3
 DEFAULT_GUIDANCE = 7.5
+NOISE = "noise_pred"  # a UNet step's output
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ APPROXIMATE = Tolerances(noise_rel_rms=0.15, latent_psnr_db=25.0, image_psnr_db=
 # ---------------------------------------------------------------------------------------------
 def is_unet_step(contract: ModelContract) -> bool:
     names = set(contract.input_names)
-    return {"sample", "timestep", "encoder_hidden_states"} <= names and contract.output_names == ["noise_pred"]
+    return {"sample", "timestep", "encoder_hidden_states"} <= names and contract.output_names == [NOISE]
 
 
 def gate_sizes(image_size: int = GATE_IMAGE_SIZE) -> dict[str, int]:
@@ -128,6 +138,8 @@ def unet_settings(bundle: Bundle, model: str) -> tuple[dict, float]:
 
 
 StepFn = Callable[[dict], np.ndarray]
+#: one call of a graph: inputs -> every output of its contract by name
+OutputsFn = Callable[[dict], dict]
 
 
 def denoise(step: StepFn, request: Request, scheduler_config: Mapping, steps: int,
@@ -163,6 +175,25 @@ def calibration_inputs(reference: StepFn, bundle: Bundle, model: str, requests: 
     return collected
 
 
+def cached_step_calibration(bundle: Bundle, model: str, requests: int = 2, steps: int = GATE_STEPS,
+                            image_size: int = GATE_IMAGE_SIZE) -> list[dict]:
+    """Calibration inputs of a UNet's cached step ``model``: the step inputs along the fp32 deep step's
+    own loops (those of :func:`calibration_inputs`); the shallow step's carry the deep feature the fp32
+    deep step computed from the same inputs, as the cached loop feeds it."""
+    unet = cached_step_of(model)
+    deep_name, shallow_name = cached_steps(unet)
+    deep = ort_outputs(bundle.model_path(deep_name), bundle.contract(deep_name))
+    collected: list[dict] = []
+
+    def step(inputs: dict) -> np.ndarray:
+        outputs = deep(inputs)
+        collected.append({**inputs, DEEP_FEATURE.name: outputs[DEEP_FEATURE.name]} if model == shallow_name else inputs)
+        return outputs[NOISE]
+
+    calibration_inputs(step, bundle, unet, requests, steps, image_size)
+    return collected
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +213,15 @@ def psnr_db(actual: np.ndarray, expected: np.ndarray, peak: float) -> float:
 # The gate
 # ---------------------------------------------------------------------------------------------
 def ort_step(path: Path, contract: ModelContract, threads: int | None = None) -> StepFn:
-    """A step function over one ONNX file (CPU execution provider, default graph optimizations), or
-    over an OpenVINO IR variant (OpenVINO, at the precision the IR was written for)."""
+    """A step function over one ONNX file (see :func:`ort_outputs`): its output, or the list of its
+    outputs when the contract has several."""
+    run, names = ort_outputs(path, contract, threads), contract.output_names
+    return lambda inputs: run(inputs)[names[0]] if len(names) == 1 else list(run(inputs).values())
+
+
+def ort_outputs(path: Path, contract: ModelContract, threads: int | None = None) -> OutputsFn:
+    """A call of one ONNX file (CPU execution provider, default graph optimizations), or of an OpenVINO
+    IR variant (OpenVINO, at the precision the IR was written for): every output by name."""
     import onnxruntime as ort
 
     from posterrt.runtime.backends.openvino import OpenVinoSession, is_openvino_ir
@@ -196,7 +234,7 @@ def ort_step(path: Path, contract: ModelContract, threads: int | None = None) ->
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = contract.output_names
-    return lambda inputs: session.run(names, inputs)[0] if len(names) == 1 else session.run(names, inputs)
+    return lambda inputs: dict(zip(names, session.run(names, inputs)))
 
 
 def evaluate(bundle: Bundle, model: str, variant: StepFn, reference: StepFn | None = None,
@@ -263,9 +301,75 @@ def judge(figures: dict, tolerances: Tolerances) -> list[str]:
 def run_gate(bundle: Bundle, model: str, variant_path: Path, tolerances: Tolerances, **options) -> dict:
     """The gate's report for the ONNX file (or OpenVINO IR) ``variant_path``: figures, tolerances, failures, passed."""
     variant = ort_step(variant_path, bundle.contract(model))
-    figures = evaluate(bundle, model, variant, **options)
+    return _report(evaluate(bundle, model, variant, **options), tolerances)
+
+
+def _report(figures: dict, tolerances: Tolerances) -> dict:
     failures = judge(figures, tolerances)
     return {"tolerances": asdict(tolerances), "figures": figures, "failures": failures, "passed": not failures}
+
+
+# ---------------------------------------------------------------------------------------------
+# A UNet's feature-cache pair
+# ---------------------------------------------------------------------------------------------
+def noise_of(run: OutputsFn) -> StepFn:
+    return lambda inputs: run(inputs)[NOISE]
+
+
+def fed_deep_feature(shallow: OutputsFn, deep: OutputsFn) -> StepFn:
+    """The shallow step as a plain step: fed the deep feature ``deep`` computes from the same inputs."""
+    return lambda inputs: shallow({**inputs, DEEP_FEATURE.name: deep(inputs)[DEEP_FEATURE.name]})[NOISE]
+
+
+def cached_loop(deep: OutputsFn, shallow: OutputsFn, deep_timesteps: set[float]) -> StepFn:
+    """DeepCache's alternation as one step function: at ``deep_timesteps`` the deep step, whose feature
+    it keeps; at the other timesteps the shallow step on the kept feature. Keyed by timestep, not by
+    call count, so the same function serves :func:`evaluate`'s per-step comparison (called on the
+    reference loop's inputs) and then its own loop."""
+    kept: dict[str, np.ndarray] = {}
+
+    def step(inputs: dict) -> np.ndarray:
+        if float(inputs["timestep"][0]) in deep_timesteps:
+            outputs = deep(inputs)
+            kept[DEEP_FEATURE.name] = outputs[DEEP_FEATURE.name]
+            return outputs[NOISE]
+        return shallow({**inputs, **kept})[NOISE]
+
+    return step
+
+
+def deep_timesteps(scheduler_config: Mapping, steps: int, interval: int) -> set[float]:
+    """The timesteps of :func:`denoise`'s loop that run the deep step: every ``interval``-th from the
+    first, as the pipelines' feature cache does (runtime/pipelines/diffusion.py, ``UNetSteps``)."""
+    scheduler = DDIMScheduler(scheduler_config)
+    scheduler.set_timesteps(steps)
+    return {float(np.float32(t)) for t in scheduler.timesteps[::interval]}
+
+
+def run_cached_gate(bundle: Bundle, unet: str, files: Mapping[str, Path], tolerances: Tolerances,
+                    interval: int = GATE_CACHE_INTERVAL, steps: int = GATE_STEPS, **options) -> dict[str, dict]:
+    """The gate's reports for variant files of ``unet``'s cached steps (``files``: {deep step: file,
+    shallow step: file}), keyed by step name, plus ``"cached_loop"``: the two variants alternating at
+    ``interval`` against the fp32 pair alternating the same way. The shallow step alone is judged fed
+    the fp32 deep step's feature of the same inputs, on both sides."""
+    deep_name, shallow_name = cached_steps(unet)
+    fp32 = {name: ort_outputs(bundle.model_path(name), bundle.contract(name)) for name in (deep_name, shallow_name)}
+    variant = {name: ort_outputs(files[name], bundle.contract(name)) for name in (deep_name, shallow_name)}
+    at_deep = deep_timesteps(unet_settings(bundle, unet)[0], steps, interval)
+    pairs = {
+        deep_name: noise_of(variant[deep_name]),
+        shallow_name: fed_deep_feature(variant[shallow_name], fp32[deep_name]),
+        "cached_loop": cached_loop(variant[deep_name], variant[shallow_name], at_deep),
+    }
+    references = {
+        deep_name: noise_of(fp32[deep_name]),
+        shallow_name: fed_deep_feature(fp32[shallow_name], fp32[deep_name]),
+        "cached_loop": cached_loop(fp32[deep_name], fp32[shallow_name], at_deep),
+    }
+    reports = {what: _report(evaluate(bundle, unet, pairs[what], references[what], steps=steps, **options), tolerances)
+               for what in pairs}
+    reports["cached_loop"]["figures"]["cache_interval"] = interval
+    return reports
 
 
 def require_pass(report: dict, what: str) -> None:

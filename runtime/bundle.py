@@ -11,8 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Mapping
+
 from .contracts import CONTRACT_VERSION, ModelContract, get_contract
-from .errors import BundleError
+from .errors import BundleError, InputError
+from .families import cached_step_of, cached_steps
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "posterrt-bundle"
@@ -98,6 +101,27 @@ class Bundle:
     def variants(self, name: str) -> dict:
         """``{variant: entry}`` of the optimized variants ``posterrt engines optimize`` wrote for a model."""
         return dict(self.manifest.get("variants", {}).get(name, {}))
+
+    def variant_for(self, name: str, variants: Mapping[str, str]) -> str | None:
+        """The variant that a ``{model: variant}`` choice (``OrtBackend(variants=...)``, ``--variants``)
+        runs for model ``name``; None: the export. The one place that choice is resolved.
+
+        A UNet's feature-cache steps (``<unet>_deep``, ``<unet>_shallow``) run their UNet's variant, so a
+        request that caches never mixes an int8 plain step with fp32 cached ones; when the bundle lacks
+        that variant of the step, the error names the command that builds it. They are not named
+        themselves: one choice for the UNet covers its three graphs."""
+        unet = cached_step_of(name)
+        if unet is None:
+            return variants.get(name)
+        if name in variants:
+            raise InputError(f"variants: {name} is a feature-cache step of {unet} and runs {unet}'s variant; "
+                             f"name {unet}={variants[name]} instead")
+        variant = variants.get(unet)
+        if variant is not None and variant not in self.variants(name):
+            raise BundleError(f"variants: {unet}={variant} also runs {unet}'s cached steps, and bundle {self.root} has "
+                              f"no {variant!r} of {name}; build them with `posterrt engines optimize --bundle {self.root} "
+                              f"--variant {variant} --models {','.join(cached_steps(unet))}` (or use cache_interval 1)")
+        return variant
 
     def model_path(self, name: str, verify: bool = True, variant: str | None = None) -> Path:
         """The model's ONNX file; with ``variant`` (``fp32-opt``, ``int8``, ...) that optimized variant's.

@@ -6,7 +6,9 @@
 AVX-512 bf16 + VNNI CPU without AMX (the AMD EPYC), ONNX Runtime's int8 leads. So the CPU's *kind*
 is read from its feature flags (``/proc/cpuinfo``; any other OS is ``generic``), and each kind has
 an order of preference: :func:`default_variants` gives each model the first variant in that order
-that the bundle registers with passing gates and that can load here.
+that the bundle registers with passing gates and that can load here. A UNet's feature-cache steps
+run the UNet's pick (``Bundle.variant_for``), so a variant is a UNet's default only when the cached
+steps the bundle holds have it too.
 
 :func:`choose_variants` is the rule every entry point follows: no ``--variants`` = the default for
 this CPU, ``--variants none`` = the exported fp32 files, an explicit list = exactly that list (the
@@ -21,6 +23,7 @@ from typing import Iterable
 from .bundle import Bundle
 from .contracts import parse_variant_list
 from .errors import BundleError
+from .families import cached_step_of, cached_steps, unet_families
 
 CPUINFO = Path("/proc/cpuinfo")
 #: ``--variants none``: serve the exported fp32 files, whatever the bundle holds.
@@ -118,6 +121,12 @@ def why_not(bundle: Bundle, model: str, variant: str, onnx_only: bool = False) -
             return "an OpenVINO IR, and a server stage runs this model with ONNX Runtime"
         if not openvino.openvino_installed():
             return "OpenVINO is not installed"
+    # a UNet's feature-cache steps run its variant (Bundle.variant_for): a default must cover them too,
+    # or a request that caches would fail
+    for step in (cached_steps(model) if model in unet_families() else ()):
+        reason = why_not(bundle, step, variant, onnx_only) if step in bundle.models else None
+        if reason:
+            return f"its cached step {step}: {reason}"
     return None
 
 
@@ -141,6 +150,8 @@ def default_variants(bundle: Bundle, cpu: CpuKind | None = None, models: Iterabl
     onnx_only = set(onnx_only)
     picks = {}
     for model in bundle.models if models is None else models:
+        if cached_step_of(model) is not None:
+            continue  # runs its UNet's pick
         for variant in cpu.order:
             if why_not(bundle, model, variant, model in onnx_only) is None:
                 picks[model] = variant

@@ -75,3 +75,8 @@ def cached_steps(unet: str) -> tuple[str, str]:
     family = unet_families()[unet]
     assert family.cached_steps, f"{unet} has no cached steps"
     return family.cached_steps
+
+
+def cached_step_of(model: str) -> str | None:
+    """The UNet whose cached step (deep or shallow) ``model`` is; None for every other model."""
+    return next((family.denoiser for family in FAMILIES.values() if model in family.cached_steps), None)

@@ -21,6 +21,8 @@ from posterrt.runtime.cli import main
 from posterrt.runtime.contracts import CONTRACT_VERSION
 from posterrt.runtime.cpu_variants import NO_VARIANTS, choose_variants, cpu_flags, default_variants, detect_cpu
 
+from helpers_bundle import linked_bundle_copy
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
 
 # /proc/cpuinfo flag lines, cut to what matters plus some of what surrounds it
@@ -161,12 +163,9 @@ def test_the_choice_and_its_line(manifest_bundle):
 # --- the entry points, on a copy of the tiny bundle with a real gated variant ---------------------
 @pytest.fixture(scope="module")
 def variant_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    """The tiny bundle (hardlinked; the manifest copied: optimize replaces it) with bg_unet's
-    int8-dynamic built and gated by `engines optimize` (it passes both gates on tiny)."""
-    folder = tmp_path_factory.mktemp("cpu-default") / "tiny"
-    shutil.copytree(tiny_bundle, folder, copy_function=os.link)
-    (folder / MANIFEST).unlink()
-    shutil.copy2(tiny_bundle / MANIFEST, folder / MANIFEST)
+    """The tiny bundle (a linked copy) with bg_unet's int8-dynamic, and its cached steps', built and
+    gated by `engines optimize` (it passes both gates on tiny)."""
+    folder = linked_bundle_copy(tiny_bundle, tmp_path_factory.mktemp("cpu-default") / "tiny")
     ort_optimize.optimize_bundle(folder, "int8-dynamic", ["bg_unet"], progress=lambda _: None)
     return folder
 
@@ -254,3 +253,17 @@ def test_engines_variants_shows_the_kind_and_the_pick(variant_bundle, tiny_bundl
     assert "default none (exported fp32)" in out and "never a default on kind generic" in out
     assert main(["engines", "variants", "--bundle", str(tiny_bundle)]) == 0
     assert "has no CPU variants" in capsys.readouterr().out
+
+
+def test_a_unet_variant_is_the_default_only_with_its_cached_steps(variant_bundle, tmp_path, epyc):
+    """The cached steps run their UNet's pick and are never picked themselves; a UNet variant whose
+    cached steps lack it is no default (a cached request would fail)."""
+    bundle = Bundle(variant_bundle)
+    assert default_variants(bundle) == {"bg_unet": "int8-dynamic"}
+    partial = linked_bundle_copy(variant_bundle, tmp_path / "partial")
+    manifest = json.loads((partial / MANIFEST).read_text())
+    del manifest["variants"]["bg_unet_shallow"]["int8-dynamic"]
+    (partial / MANIFEST).write_text(json.dumps(manifest))
+    assert cpu_variants.why_not(Bundle(partial), "bg_unet", "int8-dynamic") == \
+        "its cached step bg_unet_shallow: not built"
+    assert default_variants(Bundle(partial)) == {}

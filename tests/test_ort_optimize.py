@@ -240,3 +240,133 @@ def test_render_unet_int8_is_judged_on_the_render_pipeline(bundle_dir):
     with pytest.raises(ParityError, match=r"render_unet int8: accuracy gate failed: render: PSNR"):
         ort_optimize.optimize_bundle(bundle_dir, "int8", ["render_unet"], progress=lambda _: None)
     assert "int8" not in Bundle(bundle_dir).variants("render_unet")
+
+
+# ---------------------------------------------------------------------------------------------
+# A UNet's variant covers its feature-cache steps (bg_unet_deep, bg_unet_shallow)
+# ---------------------------------------------------------------------------------------------
+DEEP, SHALLOW = "bg_unet_deep", "bg_unet_shallow"
+
+
+def test_a_unet_variant_builds_gates_and_registers_its_cached_steps(bundle_dir, int8_dynamic):
+    """`--models bg_unet` also wrote the pair: each step gated on its own (the shallow one fed the fp32
+    deep feature), the cached loop at interval 3 against the fp32 cached loop, and the cached
+    background pipeline; each variant carries its own weights (not the export's shared data file)."""
+    from posterrt.engines.quality_gate import GATE_CACHE_INTERVAL
+
+    bundle = Bundle(bundle_dir)
+    for model in (DEEP, SHALLOW):
+        entry = bundle.variants(model)["int8-dynamic"]
+        assert entry["file"] == f"{model}.int8-dynamic.onnx" and entry["source_sha256"] == bundle.models[model].sha256
+        assert entry["gate"]["passed"] and entry["gate"]["figures"]["image_psnr_db"] >= 30.0
+        loop = entry["cached_loop_gate"]
+        assert loop["passed"] and loop["figures"]["cache_interval"] == GATE_CACHE_INTERVAL
+        assert loop["figures"]["image_psnr_db"] >= 30.0 and loop["figures"]["image_psnr_db"] != float("inf")
+        pipeline = entry["pipeline_gate"]
+        assert pipeline["gate"]["passed"] and "background" in pipeline["gate"]["enforced_pipelines"]
+        assert pipeline["settings"]["candidate_request"] == pipeline["settings"]["reference_request"] == \
+            {"cache_interval": GATE_CACHE_INTERVAL}
+        graph = onnx.load(str(bundle.model_path(model, variant="int8-dynamic")), load_external_data=False)
+        assert not [t for t in graph.graph.initializer if onnx.external_data_helper.uses_external_data(t)]
+        assert "MatMulInteger" in {node.op_type for node in graph.graph.node}
+    assert "deep_feature" in [i.name for i in onnx.load(str(bundle_dir / f"{SHALLOW}.int8-dynamic.onnx")).graph.input]
+
+
+def test_shallow_step_calibrates_on_the_fp32_deep_feature_of_its_inputs(bundle_dir, tmp_path):
+    from posterrt.engines import quality_gate
+
+    bundle = Bundle(bundle_dir)
+    shallow = quality_gate.cached_step_calibration(bundle, SHALLOW, requests=1, steps=3)
+    deep = quality_gate.cached_step_calibration(bundle, DEEP, requests=1, steps=3)
+    assert len(shallow) == len(deep) == 3 and all("deep_feature" not in inputs for inputs in deep)
+    contract = bundle.contract(SHALLOW)
+    fp32_deep = _session(bundle.model_path(DEEP))
+    for inputs, deep_inputs in zip(shallow, deep):
+        assert set(inputs) == set(contract.input_names)
+        batch, _, height, width = inputs["sample"].shape
+        assert inputs["deep_feature"].shape == (batch, bundle.models[SHALLOW].static_dims["deep_channels"], height, width)
+        np.testing.assert_array_equal(inputs["sample"], deep_inputs["sample"])
+        feature = fp32_deep.run(["deep_feature"], deep_inputs)[0]
+        np.testing.assert_array_equal(inputs["deep_feature"], feature)  # the same inputs' fp32 deep feature
+    # static int8 of the shallow step calibrates on them (the quantizer runs the graph on every input)
+    report = ort_optimize.build_variant(bundle, SHALLOW, "int8", tmp_path / f"{SHALLOW}.int8.onnx", {"steps": 2})
+    assert report["calibration_inputs"] == 2 * 2  # two requests of two steps
+
+
+def _background(backend, interval):
+    from posterrt.runtime.pipelines import build_pipeline
+    from posterrt.runtime.pipelines.request import PosterRequest
+
+    product = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1
+    request = PosterRequest(product=product, product_mask=mask, size=(256, 256), steps=4, cache_interval=interval)
+    return build_pipeline("background", backend, progress=False)(request).image
+
+
+def _opened_files(monkeypatch) -> list[str]:
+    """Names of the files ONNX Runtime sessions are opened on, from now on in this test."""
+    import onnxruntime as ort
+
+    opened, real = [], ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(os.path.basename(str(path)))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    return opened
+
+
+def test_a_cached_request_runs_the_unet_variant_on_both_cached_steps(bundle_dir, int8_dynamic, monkeypatch):
+    from posterrt.runtime.backends.onnxruntime import OrtBackend
+
+    bundle = Bundle(bundle_dir)
+    with OrtBackend(bundle, intra_op_threads=2) as fp32:
+        reference = _background(fp32, 2)
+    opened = _opened_files(monkeypatch)
+    with OrtBackend(bundle, intra_op_threads=2, variants={MODEL: "int8-dynamic"}) as backend:
+        image = _background(backend, 2)
+    unet_files = [name for name in opened if name.startswith(MODEL)]
+    assert unet_files == [f"{DEEP}.int8-dynamic.onnx", f"{SHALLOW}.int8-dynamic.onnx"]
+    assert not np.array_equal(image, reference)  # the variant's numbers, not the export's
+    opened.clear()
+    with OrtBackend(bundle, intra_op_threads=2, variants={MODEL: "int8-dynamic"}) as backend:
+        _background(backend, 1)
+    assert [name for name in opened if name.startswith(MODEL)] == [f"{MODEL}.int8-dynamic.onnx"]
+
+
+def test_missing_cached_step_variants_are_named_with_the_command_that_builds_them(bundle_dir, int8_dynamic, tmp_path):
+    """A bundle whose bg_unet has the variant and whose cached steps lack it (built before this rule):
+    uncached requests run; a cached one fails in one line naming the command, which then builds the
+    pair alone; naming a cached step in the choice is refused (one choice covers the UNet's graphs)."""
+    from posterrt.runtime.backends.onnxruntime import OrtBackend
+
+    partial = tmp_path / "partial"
+    shutil.copytree(bundle_dir, partial)
+    manifest = json.loads((partial / MANIFEST).read_text())
+    for model in (DEEP, SHALLOW):
+        manifest["variants"][model].pop("int8-dynamic")
+    (partial / MANIFEST).write_text(json.dumps(manifest))
+    variants = {MODEL: "int8-dynamic"}
+    with OrtBackend(Bundle(partial), intra_op_threads=2, variants=variants) as backend:
+        _background(backend, 1)
+        with pytest.raises(BundleError) as raised:
+            _background(backend, 2)
+    message = str(raised.value)
+    assert "\n" not in message and f"no 'int8-dynamic' of {DEEP}" in message
+    command = message.split("`")[1]
+    assert command == f"posterrt engines optimize --bundle {partial} --variant int8-dynamic --models {DEEP},{SHALLOW}"
+    with pytest.raises(InputError, match=f"variants: {DEEP} is a feature-cache step of {MODEL}"):
+        OrtBackend(Bundle(partial), variants={DEEP: "int8-dynamic"})
+
+    before = Bundle(partial).variants(MODEL)["int8-dynamic"]
+    result = subprocess.run([sys.executable, "-m", "posterrt.runtime.cli", *command.split()[1:]],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{DEEP}.int8-dynamic.onnx" in result.stdout and "cached loop (interval 3) PSNR" in result.stdout
+    rebuilt = Bundle(partial)
+    assert rebuilt.variants(MODEL)["int8-dynamic"] == before  # the plain step's variant was not rebuilt
+    assert {DEEP, SHALLOW} == {m for m in (DEEP, SHALLOW) if "int8-dynamic" in rebuilt.variants(m)}
+    with OrtBackend(rebuilt, intra_op_threads=2, variants=variants) as backend:
+        _background(backend, 2)

@@ -31,6 +31,7 @@ from posterrt.runtime.triton import model_config as mc
 from posterrt.runtime.triton import repository
 from posterrt.runtime.triton.repository import MODEL_TEMPLATE, build_repository
 
+from helpers_bundle import linked_bundle_copy
 from helpers_triton import start_server
 
 pytestmark = pytest.mark.triton
@@ -45,13 +46,9 @@ REL_TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_bundle, tmp_path_factory):
-    """A copy of the shared tiny bundle (variants are written into a bundle) with both variants.
-    Files are hardlinked: optimize_bundle only adds files and replaces the manifest (copied here)
-    by rename, so the shared bundle is never written."""
-    folder = tmp_path_factory.mktemp("variants") / "tiny"
-    shutil.copytree(tiny_bundle, folder, copy_function=os.link)
-    (folder / MANIFEST).unlink()
-    shutil.copy2(tiny_bundle / MANIFEST, folder / MANIFEST)
+    """A copy of the shared tiny bundle (variants are written into a bundle, the shared one is never
+    written) with both variants."""
+    folder = linked_bundle_copy(tiny_bundle, tmp_path_factory.mktemp("variants") / "tiny")
     for model, variant in VARIANTS.items():
         ort_optimize.optimize_bundle(folder, variant, [model], progress=lambda _: None)
     return folder
@@ -299,12 +296,24 @@ def test_sampling_loop_follows_an_onnx_denoiser_variant_and_leaves_out_an_openvi
 
 
 def test_unet_loop_runs_the_variant_its_unet_serves(bundle_dir, tmp_path):
-    """bg_unet_sampler runs what bg_unet serves: an OpenVINO IR variant as model.xml + model.bin."""
+    """bg_unet_sampler runs what bg_unet serves: an OpenVINO IR variant as model.xml + model.bin, and the
+    same variant of bg_unet's cached steps (refused, naming the command, while the bundle lacks them)."""
     copy = tmp_path / "bundle"
     shutil.copytree(bundle_dir, copy, copy_function=os.link)
     register(copy, "bg_unet", "openvino-fp32", lambda target: write_ir(copy / "bg_unet.onnx", target, "f32"))
-    report = build_repository(Bundle(copy), tmp_path / "repo", models=["bg_unet", "bg_unet_sampler"],
+    with pytest.raises(BundleError, match=r"no 'openvino-fp32' of bg_unet_deep; build them with `posterrt engines "
+                                          r"optimize --bundle .* --variant openvino-fp32 --models bg_unet_deep,bg_unet_shallow`"):
+        build_repository(Bundle(copy), tmp_path / "refused", models=["bg_unet", "bg_unet_sampler"],
+                         variants={"bg_unet": "openvino-fp32"})
+    for step in ("bg_unet_deep", "bg_unet_shallow"):
+        register(copy, step, "openvino-fp32", lambda target: write_ir(copy / f"{step}.onnx", target, "f32"))
+    report = build_repository(Bundle(copy), tmp_path / "repo",
+                              models=["bg_unet", "bg_unet_deep", "bg_unet_shallow", "bg_unet_sampler"],
                               variants={"bg_unet": "openvino-fp32"})
+    for step in ("bg_unet_deep", "bg_unet_shallow"):  # served models and the loop's own copies: the variant
+        assert os.path.samefile(tmp_path / "repo" / step / "1" / "model.xml", copy / f"{step}.openvino-fp32.xml")
+        assert os.path.samefile(report.server_loops[0].folder / "1" / "bundle" / f"{step}.openvino-fp32.xml",
+                                copy / f"{step}.openvino-fp32.xml")
     loop, stream = report.server_loops
     assert stream.name == "bg_unet_sampler_stream" and stream.variant["name"] == "openvino-fp32"
     assert loop.name == "bg_unet_sampler" and loop.variant["name"] == "openvino-fp32"

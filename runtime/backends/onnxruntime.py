@@ -29,7 +29,8 @@ class OrtBackend(Backend):
     one thread per physical core). ``providers``: execution providers in priority order; those this
     onnxruntime build lacks are refused up front rather than silently dropped. ``variants``:
     ``{model: variant}`` loads ``posterrt engines optimize``'s variant of those models (``int8``,
-    ``fp32-opt``, ``openvino-bf16``, ...) instead of the exported file. Variants written as
+    ``fp32-opt``, ``openvino-bf16``, ...) instead of the exported file; a UNet's variant covers its
+    feature-cache steps (``Bundle.variant_for``). Variants written as
     OpenVINO IR run on OpenVINO (:mod:`.openvino`) with ``intra_op_threads`` as its thread count;
     the rest of the backend does not know the difference.
     """
@@ -39,8 +40,8 @@ class OrtBackend(Backend):
                  variants: Mapping[str, str] | None = None):
         super().__init__(bundle)
         self.variants = dict(variants or {})
-        for model, variant in self.variants.items():
-            bundle.model_path(model, verify=False, variant=variant)  # unknown or stale variants fail here
+        for model in self.variants:  # unknown or stale variants fail here
+            bundle.model_path(model, verify=False, variant=bundle.variant_for(model, self.variants))
         self.options_template = _session_options(intra_op_threads, inter_op_threads, optimization_level)
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
@@ -61,7 +62,7 @@ class OrtBackend(Backend):
             lock = self._locks.setdefault(model, threading.Lock())
         with lock:
             if model not in self._sessions:
-                path = self.bundle.model_path(model, variant=self.variants.get(model))
+                path = self.bundle.model_path(model, variant=self.bundle.variant_for(model, self.variants))
                 if is_openvino_ir(path):
                     self._sessions[model] = OpenVinoSession(path, self.options_template.intra_op_num_threads or None)
                     return self._sessions[model]

@@ -269,8 +269,9 @@ def _write_stage(bundle: Bundle, stage: ServerStage, folder: Path, options: Serv
     for model in stage.present_models(bundle) if call == "in-process" else ():
         entry = bundle.models[model]
         files = [entry.file, *entry.data_files]
-        if model in served:
-            record = bundle.variants(model)[served[model]]
+        variant = bundle.variant_for(model, served)  # a UNet's variant brings its cached steps
+        if variant is not None:
+            record = bundle.variants(model)[variant]
             files += [record["file"], *record.get("data_files", [])]
         for relative in (f for f in files if f not in linked):
             linked.add(relative)
@@ -355,7 +356,7 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     notes = []
     for name in list(loops):
         stage = SERVER_STAGES[name]
-        ir = [model for model in stage.models if _is_openvino(bundle, model, variants.get(model))]
+        ir = [model for model in stage.models if _is_openvino(bundle, model, bundle.variant_for(model, variants))]
         if stage.onnx_only and ir:
             # the stub runs its model with ONNX Runtime: it follows an ONNX variant, not an OpenVINO
             # IR; without the stage, clients call the served model once per step
@@ -372,7 +373,7 @@ def build_repository(bundle: Bundle | str | os.PathLike, out: str | os.PathLike,
     report = RepositoryReport(root, options.flavor, notes=notes)
     for name in names:
         report.models.append(_swap_in(root, name, lambda staging: _write_model(
-            bundle, name, staging, options, engines, variants.get(name))))
+            bundle, name, staging, options, engines, bundle.variant_for(name, variants))))
     for name in loops:
         stage = SERVER_STAGES[name]
         for stream in (False, True):
@@ -392,8 +393,8 @@ def _check_variants(bundle: Bundle, options: ServingOptions, served: list[str], 
     if not_built:
         raise InputError(f"--variants: {not_built} are not among the models this build writes "
                          f"({', '.join(served)}); add them to --models")
-    for model, variant in variants.items():
-        bundle.model_path(model, verify=False, variant=variant)  # unknown or stale variants fail here
+    for model in variants:  # unknown or stale variants fail here
+        bundle.model_path(model, verify=False, variant=bundle.variant_for(model, variants))
 
 
 def _is_openvino(bundle: Bundle, model: str, variant: str | None) -> bool:

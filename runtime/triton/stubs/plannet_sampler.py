@@ -119,7 +119,7 @@ class TritonPythonModel:
         if folder.model_call == "bls":
             self.denoiser = BlsDenoiser()
         else:
-            path = folder.bundle.model_path(DENOISER, variant=folder.variants.get(DENOISER))
+            path = folder.bundle.model_path(DENOISER, variant=folder.bundle.variant_for(DENOISER, folder.variants))
             session = ort.InferenceSession(str(path), session_options(folder.parameters), providers=["CPUExecutionProvider"])
             self.denoiser = InProcessDenoiser(session, self.sampler.config.num_bins)
 
