@@ -200,3 +200,15 @@ def test_the_gate_names_bad_arguments(tiny_bundle):
         gate_feature_cache(tiny_bundle, 1)
     with pytest.raises(InputError, match="--pipelines"):
         gate_feature_cache(tiny_bundle, 2, ["layout"])
+
+
+def test_the_cli_gates_the_measured_interval_unless_told_another():
+    """``posterrt engines cache-interval`` without --interval gates 4 (benchmarks/RESULTS.md, issue 18)."""
+    import argparse
+
+    from posterrt.engines.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["cache-interval", "--bundle", "b"]).interval == 4
+    assert parser.parse_args(["cache-interval", "--bundle", "b", "--interval", "2"]).interval == 2
