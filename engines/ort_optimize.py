@@ -565,7 +565,7 @@ def _entry(bundle: Bundle, model: str, path: Path, build: dict, **gates) -> dict
     data_files = sorted(p.name for p in path.parent.iterdir() if p != path)
     return {"file": path.name, "data_files": data_files, "sha256": sha256_file(path),
             "data_sha256": {data: sha256_file(path.parent / data) for data in data_files},
-            "source_sha256": bundle.models[model].sha256,
+            "source_sha256": bundle.models[model].sha256, "source_data_sha256": bundle.models[model].data_sha256,
             "bytes": sum(p.stat().st_size for p in path.parent.iterdir()), "build": build, **gates}
 
 

@@ -127,7 +127,9 @@ class Bundle:
         """The model's ONNX file; with ``variant`` (``fp32-opt``, ``int8``, ...) that optimized variant's.
 
         A variant made from another export of the model (its ``source_sha256`` differs from the
-        model's hash) is refused: it would silently serve the old weights."""
+        model's hash, or its ``source_data_sha256`` from the hashes of the weights files the model
+        reads: a graph whose weights are external, such as a UNet's cached steps, keeps its hash
+        when only the weights change) is refused: it would silently serve the old weights."""
         self.require([name])
         entry = self.models[name]
         key = name
@@ -138,7 +140,8 @@ class Bundle:
                                   f"{sorted(variants) or 'none'}); write it with `posterrt engines optimize "
                                   f"--bundle {self.root} --variant {variant} --models {name}`")
             found = variants[variant]
-            if found.get("source_sha256") != entry.sha256:
+            if found.get("source_sha256") != entry.sha256 or found.get("source_data_sha256", entry.data_sha256) != \
+                    entry.data_sha256:
                 raise BundleError(f"bundle {self.root}: variant {variant!r} of {name} was made from another export "
                                   f"of the model; run `posterrt engines optimize --variant {variant} --models {name}` again")
             entry = ModelEntry(name, found["file"], found["sha256"], entry.static_dims, list(found.get("data_files", [])),

@@ -216,6 +216,13 @@ def test_unknown_and_stale_variants_are_refused(bundle_dir, int8_dynamic, tmp_pa
     (stale / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="made from another export"):
         Bundle(stale).model_path(MODEL, verify=False, variant="int8-dynamic")
+    # a shallow step's graph keeps its hash when only the weights it reads (the deep step's file) change
+    shallow = manifest["models"]["bg_unet_shallow"]
+    assert Bundle(stale).model_path("bg_unet_shallow", verify=False, variant="int8-dynamic")
+    shallow["data_sha256"] = {name: "0" * 64 for name in shallow["data_sha256"]}
+    (stale / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="variant 'int8-dynamic' of bg_unet_shallow was made from another export"):
+        Bundle(stale).model_path("bg_unet_shallow", verify=False, variant="int8-dynamic")
 
 
 def test_cli_optimize_writes_dynamic_int8_and_report(bundle_dir, tmp_path):
