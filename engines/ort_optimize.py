@@ -519,9 +519,10 @@ def _optimize_model(bundle: Bundle, group: tuple[str], variant: str, tolerances:
 def _optimize_cached_steps(bundle: Bundle, group: tuple[str, str], variant: str, tolerances: Tolerances,
                            gate_options: dict, progress) -> dict[str, dict]:
     """A UNet's deep and shallow steps: both built, each gated (the shallow one fed the fp32 deep
-    feature), then the cached loop and the cached pipelines at :data:`quality_gate.GATE_CACHE_INTERVAL`
+    feature), then the cached loop and the cached pipelines at :func:`quality_gate.gate_cache_interval`
     against the fp32 pair; registered together or not at all."""
-    unet, interval = cached_step_of(group[0]), quality_gate.GATE_CACHE_INTERVAL
+    unet = cached_step_of(group[0])
+    interval = quality_gate.gate_cache_interval(bundle, unet)
     with _staging(bundle, group, variant) as files:
         builds = {}
         for model in group:

@@ -50,8 +50,8 @@ GATE_SEEDS = (0,)  # requests the gate judges on
 CALIBRATION_SEED = 1000  # first seed of the calibration requests (never a gate seed)
 GATE_STEPS = 6  # DDIM steps of the gate's loop: early (noisy) to late (clean) timesteps
 GATE_IMAGE_SIZE = 256  # 32x32 latent, as the issue's baseline step
-#: The feature-cache interval of the cached-loop check: of the gate's 6 steps, 2 deep and 4 shallow
-#: (the shallow steps then see a feature one and two steps old, as they do at this interval in use).
+#: The feature-cache interval of the cached-loop check when the bundle records no default interval
+#: (:func:`gate_cache_interval`): of the gate's 6 steps, 2 deep and 4 shallow.
 GATE_CACHE_INTERVAL = 3
 DEFAULT_GUIDANCE = 7.5
 NOISE = "noise_pred"  # a UNet step's output
@@ -344,6 +344,13 @@ def deep_timesteps(scheduler_config: Mapping, steps: int, interval: int) -> set[
     scheduler = DDIMScheduler(scheduler_config)
     scheduler.set_timesteps(steps)
     return {float(np.float32(t)) for t in scheduler.timesteps[::interval]}
+
+
+def gate_cache_interval(bundle: Bundle, unet: str) -> int:
+    """The interval the cached loop of ``unet``'s variants is judged at: the one its requests run by
+    default (``engines cache-interval`` records it in the family config), else :data:`GATE_CACHE_INTERVAL`."""
+    recorded = int(bundle.config.get(UNET_FAMILY[unet], {}).get("cache_interval", 1))
+    return recorded if recorded > 1 else GATE_CACHE_INTERVAL
 
 
 def run_cached_gate(bundle: Bundle, unet: str, files: Mapping[str, Path], tolerances: Tolerances,

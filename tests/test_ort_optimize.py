@@ -255,13 +255,20 @@ def test_render_unet_int8_is_judged_on_the_render_pipeline(bundle_dir):
 DEEP, SHALLOW = "bg_unet_deep", "bg_unet_shallow"
 
 
-def test_a_unet_variant_builds_gates_and_registers_its_cached_steps(bundle_dir, int8_dynamic):
+def test_a_unet_variant_builds_gates_and_registers_its_cached_steps(bundle_dir, int8_dynamic, tmp_path):
     """`--models bg_unet` also wrote the pair: each step gated on its own (the shallow one fed the fp32
     deep feature), the cached loop at interval 3 against the fp32 cached loop, and the cached
     background pipeline; each variant carries its own weights (not the export's shared data file)."""
-    from posterrt.engines.quality_gate import GATE_CACHE_INTERVAL
+    from posterrt.engines.quality_gate import GATE_CACHE_INTERVAL, gate_cache_interval
 
     bundle = Bundle(bundle_dir)
+    assert gate_cache_interval(bundle, MODEL) == GATE_CACHE_INTERVAL  # the tiny bundle records no default
+    recorded = tmp_path / "recorded"  # one that does (`engines cache-interval`): the pair is judged at it
+    recorded.mkdir()
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["config"]["stable_diffusion"]["cache_interval"] = 4
+    (recorded / MANIFEST).write_text(json.dumps(manifest))
+    assert gate_cache_interval(Bundle(recorded), MODEL) == 4
     for model in (DEEP, SHALLOW):
         entry = bundle.variants(model)["int8-dynamic"]
         assert entry["file"] == f"{model}.int8-dynamic.onnx" and entry["source_sha256"] == bundle.models[model].sha256
