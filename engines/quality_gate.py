@@ -17,7 +17,7 @@ What it measures, for a UNet-class step model (``bg_unet``, ``render_unet``):
 A UNet's two feature-cache graphs (DeepCache: the deep step, the shallow step that takes the deep
 feature) are judged as a pair (:func:`run_cached_gate`): each step by the figures above, the shallow
 one fed the deep feature the fp32 deep step computes from the same step inputs, and then the cached
-loop itself (the deep step every :data:`GATE_CACHE_INTERVAL` steps, the shallow step on its kept
+loop itself (the deep step every N steps, :func:`gate_cache_interval`, the shallow step on its kept
 feature between) against the fp32 cached loop, by the same figures and tolerances.
 
 Other models get the per-output errors on seeded random inputs (the layout-level checks for RADM
