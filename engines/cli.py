@@ -55,7 +55,7 @@ def add_arguments(parser):
     show = sub.add_parser("show", help="list the engines of a folder and whether they fit this machine")
     show.add_argument("--engines", required=True, type=Path, help="engines folder written by `posterrt engines build`")
 
-    optimize = sub.add_parser("optimize", help="write a gated CPU variant (ONNX Runtime fp32-opt, int8, int8-dynamic; OpenVINO fp32, bf16) of models into the bundle")
+    optimize = sub.add_parser("optimize", help="write a gated CPU variant (ONNX Runtime fp32-opt, int8, int8-dynamic; OpenVINO fp32, bf16, int8, int8-bf16) of models into the bundle")
     optimize.add_argument("--bundle", required=True, type=Path,
                           help="bundle folder written by `posterrt export`; the variants are added to it")
     optimize.add_argument("--variant", required=True, choices=CPU_VARIANTS,

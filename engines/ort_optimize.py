@@ -34,6 +34,8 @@ Variants:
 * ``openvino-int8``: the IR quantized by NNCF's post-training quantization (int8 weights stored
   int8, activations through FakeQuantize, calibrated on the same loops as ``int8``); what NNCF
   leaves unquantized runs at f32 (see :func:`build_openvino_int8`). Gated as reduced precision.
+* ``openvino-int8-bf16``: the same quantization, its float remainder run at bf16 (for AVX-512-bf16
+  / AMX cores); which of the two is faster is the step benchmark's question.
 
 bf16 is not an ONNX Runtime variant: its CPU provider has no bf16 Conv or MatMul kernels (opset 17
 does not even list bf16 for Conv), so a bf16 ONNX graph does not load; the bf16 path is OpenVINO.
@@ -60,14 +62,18 @@ from posterrt.runtime.families import cached_step_of, cached_steps, unet_familie
 from . import quality_gate
 from .quality_gate import APPROXIMATE, EXACT, Tolerances
 
-VARIANTS = ("fp32-opt", "int8", "int8-dynamic", "openvino-fp32", "openvino-bf16", "openvino-int8")
+VARIANTS = ("fp32-opt", "int8", "int8-dynamic", "openvino-fp32", "openvino-bf16", "openvino-int8",
+            "openvino-int8-bf16")
 #: Which gate each variant must pass.
 VARIANT_GATES: dict[str, Tolerances] = {"fp32-opt": EXACT, "int8": APPROXIMATE, "int8-dynamic": APPROXIMATE,
                                         "openvino-fp32": EXACT, "openvino-bf16": APPROXIMATE,
-                                        "openvino-int8": APPROXIMATE}
-#: OpenVINO IR variants: the precision OpenVINO runs each at (for openvino-int8, the precision of
+                                        "openvino-int8": APPROXIMATE, "openvino-int8-bf16": APPROXIMATE}
+#: OpenVINO IR variants: the precision OpenVINO runs each at (for the int8 ones, the precision of
 #: the operations NNCF left unquantized: see build_openvino_int8).
-OPENVINO_PRECISION = {"openvino-fp32": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
+OPENVINO_PRECISION = {"openvino-fp32": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32",
+                      "openvino-int8-bf16": "bf16"}
+#: The OpenVINO variants NNCF quantizes.
+OPENVINO_INT8 = ("openvino-int8", "openvino-int8-bf16")
 #: Models past this size are written with their weights in ``<file>.data`` (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)
 
@@ -355,8 +361,9 @@ def build_int8_dynamic(source: Path, target: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # openvino-int8
 # ---------------------------------------------------------------------------------------------
-def build_openvino_int8(source: Path, target: Path, calibration: list[dict]) -> dict:
-    """NNCF post-training int8 of the OpenVINO model of ``source``, calibrated on ``calibration``.
+def build_openvino_int8(source: Path, target: Path, calibration: list[dict], precision: str) -> dict:
+    """NNCF post-training int8 of the OpenVINO model of ``source``, calibrated on ``calibration``;
+    the float remainder runs at ``precision``.
 
     The settings, for a diffusion UNet on a VNNI CPU:
 
@@ -379,10 +386,11 @@ def build_openvino_int8(source: Path, target: Path, calibration: list[dict]) -> 
       model for every layer, out of proportion on a 3.4 GB UNet with two cores. Measured on the
       tiny bundle it is worth 0.3 dB; OpenVINO's own Stable Diffusion notebooks turn it off for time.
 
-    The float operations NNCF leaves (Softmax and the MatMul it feeds, normalizations) run at f32,
-    not at bf16 where the CPU has it: bf16 there would add its own error to the quantization's,
-    and no measurement yet says it pays off. Saved with the quantized weights as int8 constants
-    (plus their scales) and every other constant fp32."""
+    The float operations NNCF leaves (Softmax and the MatMul it feeds, normalizations) run at f32
+    in ``openvino-int8``, at bf16 in ``openvino-int8-bf16`` (on the tiny bundle bf16 cost 0.1 dB:
+    background 29.2 against 29.3 dB); whether bf16 there is faster on a CPU is for
+    benchmarks/unet_step.py to say. Saved with the quantized weights as int8 constants (plus their
+    scales) and every other constant fp32."""
     from posterrt.runtime.backends.openvino import read_onnx, save_ir
 
     nncf = import_nncf()
@@ -395,7 +403,7 @@ def build_openvino_int8(source: Path, target: Path, calibration: list[dict]) -> 
     operations = [op.get_type_name() for op in quantized.get_ops()]
     int8_weights = sum(1 for op in quantized.get_ops()
                        if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() == "i8")
-    report = save_ir(quantized, target, OPENVINO_PRECISION["openvino-int8"])
+    report = save_ir(quantized, target, precision)
     return {**report, "nncf_version": nncf.__version__, "preset": "mixed", "model_type": "transformer",
             "smooth_quant": False, "bias_correction": "fast", "weights": "int8 symmetric per channel",
             "activations": "8-bit per tensor (FakeQuantize)", "calibration_inputs": len(calibration),
@@ -433,8 +441,9 @@ def build_variant(bundle: Bundle, model: str, variant: str, target: Path, gate_o
         report = build_fp32_opt(source, target)
     elif variant == "int8":
         report = build_int8_static(source, target, _calibration(bundle, model, gate_options))
-    elif variant == "openvino-int8":
-        report = build_openvino_int8(source, target, _calibration(bundle, model, gate_options))
+    elif variant in OPENVINO_INT8:
+        report = build_openvino_int8(source, target, _calibration(bundle, model, gate_options),
+                                     OPENVINO_PRECISION[variant])
     elif variant in OPENVINO_PRECISION:
         from posterrt.runtime.backends.openvino import write_ir
 

@@ -55,6 +55,13 @@ def int8_ir(bundle_dir, tmp_path_factory):
     return target, report
 
 
+@pytest.fixture(scope="module")
+def int8_bf16_ir(bundle_dir, int8_ir, tmp_path_factory):
+    target = tmp_path_factory.mktemp("openvino-int8-bf16") / f"{MODEL}.openvino-int8-bf16.xml"
+    report = ort_optimize.build_variant(Bundle(bundle_dir), MODEL, "openvino-int8-bf16", target)
+    return target, report
+
+
 def _ort(path):
     import onnxruntime as ort
 
@@ -205,6 +212,18 @@ def test_int8_ir_passes_the_model_gate_and_really_is_reduced_precision(bundle_di
     assert gate["passed"], gate["failures"]
     assert gate["figures"]["noise_rel_rms"] > 1e-2
     assert gate["figures"]["image_psnr_db"] >= APPROXIMATE.image_psnr_db
+
+
+def test_int8_bf16_is_the_same_quantization_run_at_bf16(bundle_dir, int8_ir, int8_bf16_ir):
+    """Same calibration, same NNCF settings: the same weights file byte for byte; only the precision
+    the float remainder runs at differs, and OpenVINO compiles it at bf16."""
+    (f32_path, f32_report), (path, report) = int8_ir, int8_bf16_ir
+    assert path.with_suffix(".bin").read_bytes() == f32_path.with_suffix(".bin").read_bytes()
+    assert report["fake_quantize"] == f32_report["fake_quantize"] and report["inference_precision"] == "bf16"
+    session = OpenVinoSession(path)
+    assert session.precision == "bf16" and "bfloat16" in str(session.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    gate = quality_gate.run_gate(Bundle(bundle_dir), MODEL, path, APPROXIMATE)
+    assert gate["passed"], gate["failures"]
 
 
 def test_int8_of_the_tiny_unet_is_refused_by_the_background_pipeline(bundle_dir, int8_ir):
