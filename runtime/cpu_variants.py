@@ -68,17 +68,23 @@ CPU_KINDS = (
     # Xeon with AMX: openvino-bf16 4.65x / 4.84x torch eager fp32 (bg_unet / render_unet), ORT int8
     # 3.31x (its MLAS kernels do not use AMX), the fp32 forms ~1.5x. int8-dynamic and fp32-opt were
     # not timed there and keep the EPYC's places among the rest.
+    # The NNCF int8 IRs were not timed there: after what was.
     CpuKind("amx", frozenset({"amx_bf16"}),
-            ("openvino-bf16", "int8", "int8-dynamic", "openvino-fp32", "fp32-opt"),
+            ("openvino-bf16", "int8", "openvino-int8-bf16", "openvino-int8", "int8-dynamic", "openvino-fp32",
+             "fp32-opt"),
             "measured on an Intel Xeon with AMX",
             ("Issue 8 on the current machine: Intel Xeon with AMX (2026-12-03)",
              "Target 1: UNet-class step (paper preset, batch 2, 32x32 latent, 2 threads)")),
-    # AVX-512 bf16 + VNNI without AMX (AMD EPYC): ORT int8 4.25x / 3.45x, openvino-bf16 3.20x / 2.90x,
-    # int8-dynamic 3.26x (bg_unet, another run), OpenVINO fp32 the fastest fp32, fp32-opt = plain ORT.
+    # AVX-512 bf16 + VNNI without AMX (AMD EPYC): at the posters' 512 px the bg_unet step is fastest as
+    # openvino-int8-bf16, then openvino-int8, then ORT int8 (Zen 5; at 256 px ORT int8 leads);
+    # openvino-bf16 the one render_unet form that passes its gate; int8-dynamic 3.26x (bg_unet, Zen 4),
+    # OpenVINO fp32 the fastest fp32, fp32-opt = plain ORT.
     CpuKind("avx512-bf16-vnni", frozenset({"avx512_bf16", "avx512_vnni"}),
-            ("int8", "openvino-bf16", "int8-dynamic", "openvino-fp32", "fp32-opt"),
-            "measured on an AMD EPYC (AVX-512 bf16 + VNNI, no AMX)",
-            ("UNet-class step", "Levers: what won, what lost, and why")),
+            ("openvino-int8-bf16", "openvino-int8", "int8", "openvino-bf16", "int8-dynamic", "openvino-fp32",
+             "fp32-opt"),
+            "measured on AMD EPYCs (AVX-512 bf16 + VNNI, no AMX: Zen 4 and Zen 5)",
+            ("UNet-class step", "Levers: what won, what lost, and why",
+             "Issue 18 at paper size: AMD EPYC Zen 5 (2026-12-05)")),
     # Nothing measured without avx512_bf16 / VNNI: only the exact variants (same numbers as the
     # export). The approximate ones were gated on the CPU that built them, and int8's U8S8 kernels
     # can overflow on x86 cores without VNNI (onnxruntime#12088), so they are never a default here.
