@@ -26,8 +26,10 @@ from tqdm import tqdm
 from posterrt.runtime.accuracy import image_agreement
 from posterrt.runtime.bundle import Bundle
 from posterrt.runtime.contracts import parse_variant_list
+from posterrt.runtime.errors import InputError
 from posterrt.runtime.pipelines import build_pipeline
 
+from .cli import _ints
 from .machine import describe
 from .serving import TimedBackend, demo_request, embedded_backend
 
@@ -140,7 +142,10 @@ def main(argv=None) -> int:
                 f"{result['shallow_over_plain_min']:.3f}, GFLOP {result['shallow_over_plain_gflop']:.3f}; deep / "
                 f"{result['full_step']} p50 {result['deep_over_plain']:.3f}")
     else:
-        intervals = tuple(int(n) for n in args.intervals.split(","))
+        try:
+            intervals = tuple(_ints(args.intervals, "intervals"))
+        except InputError as error:
+            parser.error(str(error))
         result = curve(args.bundle, args.pipeline, intervals, steps=args.steps, size=args.size, rounds=args.rounds,
                        threads=args.threads, variants=parse_variant_list(args.variants))
         print(markdown(result))

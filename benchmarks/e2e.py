@@ -197,13 +197,15 @@ def markdown(record: dict) -> str:
 
 
 def parse_intervals(text: str) -> list[int]:
+    """``--cache-interval``: the bench CLI's integer list (``cli._ints``), its error as the exit message."""
+    from posterrt.runtime.errors import InputError
+
+    from .cli import _ints
+
     try:
-        intervals = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        intervals = []
-    if not intervals or min(intervals) < 1:
-        raise SystemExit(f"--cache-interval: expected comma-separated integers >= 1 (e.g. 1,3), got {text!r}")
-    return intervals
+        return _ints(text, "cache-interval")
+    except InputError as error:
+        raise SystemExit(str(error)) from None
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from posterrt.runtime.accuracy import image_agreement
 from posterrt.runtime.bundle import Bundle
+from posterrt.runtime.errors import InputError
 from posterrt.runtime.pipelines import build_pipeline
 from posterrt.runtime.pipelines.request import SCHEDULERS
 
+from .cli import _ints
 from .machine import describe
 from .serving import demo_request, embedded_backend
 
@@ -80,7 +82,10 @@ def main(argv=None) -> int:
     unknown = sorted(set(schedulers) - set(SCHEDULERS))
     if unknown:
         parser.error(f"--schedulers: unknown {', '.join(unknown)}; expected some of {', '.join(SCHEDULERS)}")
-    steps = tuple(int(count) for count in args.steps.split(","))
+    try:
+        steps = tuple(_ints(args.steps, "steps"))
+    except InputError as error:
+        parser.error(str(error))
     table = sweep(args.bundle, args.pipeline, schedulers, steps, image_size=args.image_size, seed=args.seed,
                   threads=args.threads)
     print(markdown(table))

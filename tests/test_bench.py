@@ -198,3 +198,14 @@ def test_machine_peak_includes_the_int8_gemm_the_int8_variants_run_on():
 
     peak = gemm_peak_gflops(size=256, repeats=1)
     assert peak["fp32_gflops"] > 0 and peak["int8_gops_onnxruntime"] > 0
+
+
+def test_bench_clis_name_a_bad_integer_list(tiny_bundle, capsys):
+    from posterrt.benchmarks import cache_curve, step_sweep
+
+    with pytest.raises(SystemExit):
+        cache_curve.main(["--bundle", str(tiny_bundle), "--intervals", "1,x"])
+    assert "--intervals: expected comma-separated integers, got '1,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_sweep.main(["--bundle", str(tiny_bundle), "--steps", "0,10"])
+    assert "--steps: values must be >= 1" in capsys.readouterr().err
